@@ -1,0 +1,175 @@
+// Building blocks shared by the CPU forward and backward kernels. Included
+// only by sources compiled per instruction set, so everything here lives in
+// the CPU_CAPABILITY namespace: the same inline function built for AVX512 and
+// for DEFAULT must not be merged by the linker.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#error "tile_ops.h is for the per-instruction-set kernel sources"
+#endif
+
+extern "C" {
+// Fortran BLAS, exported by torch's CPU library (MKL or OpenBLAS); CMake
+// checks for it. Calling it directly skips ATen's per-call dispatch, which
+// would cost as much as a small tile GEMM.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace gqa::cpu {
+namespace CPU_CAPABILITY {
+
+// Accumulation type: fp32 for every dtype but float64, which stays float64 so
+// that gradcheck sees exact derivatives.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Row-major C (m x n, ldc) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C,
+// where op(X) is X or, with trans_X, the transpose of the stored matrix.
+// BLAS is column-major, so this computes C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ta = trans_b ? 'T' : 'N';
+  const char tb = trans_a ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  if (k == 0) {
+    // BLAS leaves C alone for k == 0 only when beta == 1; make it explicit.
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  if constexpr (std::is_same_v<T, double>) {
+    dgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  } else {
+    sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+  }
+}
+
+// dst[0:n] = src[0:n] * scale, converting to the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, src, n);
+  } else {
+    at::vec::convert(src, dst, n);
+    if (scale != acc_t(1)) at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, dst, n);
+  }
+}
+
+// dst[0:n] = src[0:n] * scale, converting to the output type.
+template <typename acc_t, typename scalar_t>
+inline void store_scaled(const acc_t* src, scalar_t* dst, int64_t n, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, src, n);
+  } else {
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      acc_t tmp[Vec::size()];
+      (Vec::loadu(src + i) * Vec(scale)).store(tmp);
+      at::vec::convert(tmp, dst + i, Vec::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * scale);
+  }
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm = Vec::loadu(x);
+    for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x[0:n] = exp(x[0:n] - shift); returns the sum.
+template <typename T>
+inline T exp_shift_sum(T* x, int64_t n, T shift) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec vs(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec e = (Vec::loadu(x + i) - Vec(shift)).exp();
+    e.store(x + i);
+    vs = vs + e;
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vs);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+
+// x = cap * tanh(x / cap); with keep_grad, g = 1 - tanh^2 (the derivative).
+template <typename T>
+inline void apply_softcap(T* x, T* g, int64_t n, T cap) {
+  using Vec = at::vec::Vectorized<T>;
+  const T inv = T(1) / cap;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec t = (Vec::loadu(x + i) * Vec(inv)).tanh();
+    (t * Vec(cap)).store(x + i);
+    if (g) (Vec(T(1)) - t * t).store(g + i);
+  }
+  for (; i < n; ++i) {
+    const T t = std::tanh(x[i] * inv);
+    x[i] = cap * t;
+    if (g) g[i] = T(1) - t * t;
+  }
+}
+
+template <typename T>
+inline void fill(T* x, int64_t n, T value) {
+  for (int64_t i = 0; i < n; ++i) x[i] = value;
+}
+
+template <typename T>
+inline void scale_inplace(T* x, int64_t n, T s) {
+  using Vec = at::vec::Vectorized<T>;
+  at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
+}
+
+// A K or V tile of `n` rows as a dense acc_t matrix. Float inputs are used in
+// place through their row stride; others are converted once into `buf`, and
+// that one copy then serves every query head of the group.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* kv_tile(const scalar_t* src, int64_t row_stride, int64_t n, int64_t D,
+                            acc_t* buf, int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // BLAS needs ld >= D (a zero or overlapping stride fails that) in 32 bits.
+    if (row_stride >= D && row_stride <= std::numeric_limits<int>::max()) {
+      ld = row_stride;
+      return src;
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) at::vec::convert(src + r * row_stride, buf + r * D, D);
+  ld = D;
+  return buf;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace gqa::cpu

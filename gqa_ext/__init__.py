@@ -1,0 +1,46 @@
+"""gqa_ext: grouped query attention for PyTorch.
+
+Importing it registers ``torch.ops.gqa.forward`` and ``torch.ops.gqa.backward``
+with their fake kernels (torch.compile) and autograd, and exposes the Python
+API :func:`attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _load_native():
+    """Import gqa_ext._C after checking it was built against this torch."""
+    try:
+        from gqa_ext import _build_config
+    except ImportError as e:
+        raise ImportError(
+            "gqa_ext's native module is not built. Install the package with `pip install .` "
+            "(or `pip install --no-build-isolation .` to build against the torch already installed)."
+        ) from e
+    if torch.__version__ != _build_config.TORCH_VERSION:
+        # Loading _C now would fail with an undefined symbol, or worse, load.
+        raise ImportError(
+            f"gqa_ext was built against torch {_build_config.TORCH_VERSION}, but torch {torch.__version__} "
+            "is installed; the two must be the same release. Rebuild gqa_ext against the installed torch "
+            f"with `pip install --no-build-isolation .`, or install torch {_build_config.TORCH_VERSION}."
+        )
+    from gqa_ext import _C
+
+    return _C, _build_config.VERSION
+
+
+_C, __version__ = _load_native()
+
+from gqa_ext import _ops  # noqa: E402, F401  (registers fake kernels and autograd)
+from gqa_ext.api import attention  # noqa: E402
+from gqa_ext.reference import attention_ref  # noqa: E402
+
+
+def build_info() -> dict:
+    """What this build contains: versions, CUDA archs, whether the CUDA kernels are in."""
+    return dict(_C.build_info())
+
+
+__all__ = ["attention", "attention_ref", "build_info", "__version__"]

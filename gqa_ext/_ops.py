@@ -1,0 +1,65 @@
+"""Fake kernels and autograd for the ops that gqa_ext._C defines."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.register_fake("gqa::forward")
+def _forward_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    torch._check(k.shape[2] > 0 and heads_q % k.shape[2] == 0, lambda: "Hq must be a multiple of Hkv")
+    out = q.new_empty((batch, seqlen_q, heads_q, head_dim))
+    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("gqa::backward")
+def _backward_fake(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+    # lse is returned for callers that merge partial results; gradients flow
+    # through out only.
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = torch.ops.gqa.backward(
+        grad_out, q, k, v, out, lse, *ctx.options, torch.are_deterministic_algorithms_enabled()
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("gqa::forward", _backward, setup_context=_setup_context)
