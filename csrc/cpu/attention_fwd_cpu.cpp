@@ -16,9 +16,9 @@ namespace {
 
 // Rows of a tile: (query position, head of the group) pairs, ~kRows of them.
 // kBlockN keys per K/V tile. Chosen so that the Q, K, V, score and output
-// tiles (~0.5 MB for D = 128) stay in a core's L2.
-constexpr int64_t kRows = 128;
-constexpr int64_t kBlockN = 256;
+// tiles (~1 MB for D = 128) stay in a core's L2.
+constexpr int64_t kRows = 256;
+constexpr int64_t kBlockN = 512;
 
 template <typename scalar_t>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
