@@ -16,8 +16,9 @@ def _load_native():
         from gqa_ext import _build_config
     except ImportError as e:
         raise ImportError(
-            "gqa_ext's native module is not built. Install the package with `pip install .` "
-            "(or `pip install --no-build-isolation .` to build against the torch already installed)."
+            f"gqa_ext's native module is not built in {__path__[0]}. Install the package with "
+            "`pip install .` (or `pip install --no-build-isolation .` to build against the torch already "
+            "installed); if it is installed, this is the source tree shadowing it: run from another directory."
         ) from e
     if torch.__version__ != _build_config.TORCH_VERSION:
         # Loading _C now would fail with an undefined symbol, or worse, load.
