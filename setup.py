@@ -7,9 +7,9 @@ TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, CUTLASS_INCLUDE_DIR.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pybind11
@@ -18,7 +18,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+# The version is stated once, in pyproject.toml.
+VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
 class CMakeBuild(build_ext):
@@ -28,10 +29,7 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         prefix_path = ";".join([torch.utils.cmake_prefix_path, pybind11.get_cmake_dir()])
         configure = [
-            "cmake",
-            "-S", str(ROOT),
-            "-B", str(build_dir),
-            "-G", "Ninja",
+            *("cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja"),
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={prefix_path}",

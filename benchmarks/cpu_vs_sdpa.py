@@ -9,8 +9,13 @@ median times and their ratio, since the machine's speed drifts between runs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -54,6 +59,17 @@ CASES = [
 ]
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _time(fn, case, inputs) -> float:
     q, k, v = inputs
     t0 = time.perf_counter()
@@ -76,7 +92,7 @@ def main() -> None:
         inputs = case["make"]()
         times = {"gqa_ext": [], "sdpa": []}
         fns = {"gqa_ext": _ours, "sdpa": _sdpa}
-        for name, fn in fns.items():
+        for fn in fns.values():
             _time(fn, case, inputs)  # warm-up
         for _ in range(args.reps):
             for name, fn in fns.items():
@@ -97,7 +113,18 @@ def main() -> None:
             flush=True,
         )
     if args.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), build=gqa_ext.build_info())
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+        ).stdout.strip()
+        meta = dict(
+            date=datetime.date.today().isoformat(),
+            commit=commit,
+            command=" ".join(["python", *sys.argv]),
+            device=f"CPU: {_cpu_name()}, {os.cpu_count()} cores",
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            build=gqa_ext.build_info(),
+        )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=2)
 

@@ -27,8 +27,11 @@ def main() -> None:
     out.sum().backward()
     ref, _ = gqa_ext.attention_ref(q.detach(), k.detach(), v.detach(), causal=True)
     sdpa = F.scaled_dot_product_attention(
-        q.detach().transpose(1, 2), k.detach().transpose(1, 2), v.detach().transpose(1, 2),
-        is_causal=True, enable_gqa=True,
+        q.detach().transpose(1, 2),
+        k.detach().transpose(1, 2),
+        v.detach().transpose(1, 2),
+        is_causal=True,
+        enable_gqa=True,
     ).transpose(1, 2)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:

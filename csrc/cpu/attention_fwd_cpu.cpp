@@ -1,12 +1,18 @@
 // CPU forward: tiled attention with an online softmax, never materializing
 // an Sq x Sk matrix. One task owns (batch, KV head, block of query positions)
 // and packs the G query heads of the group into the rows of its tile, so each
-// K/V tile is read (and converted to fp32) once and used by the whole group.
+// K/V tile is read (and converted or packed) once and used by the whole group.
+//
+// Tile GEMMs: float32/float64 go to BLAS. bfloat16/float16 go to oneDNN's
+// brgemm through ATen (AMX or AVX512-BF16/FP16) where ATen says it can pack
+// for it, with fp32 accumulation and P rounded to the input type as
+// FlashAttention does; elsewhere they are converted to fp32 for BLAS.
 #include "cpu/attention_cpu.h"
 #include "cpu/tile_ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <vector>
 
@@ -19,11 +25,14 @@ namespace {
 // tiles (~1 MB for D = 128) stay in a core's L2.
 constexpr int64_t kRows = 256;
 constexpr int64_t kBlockN = 512;
+// brgemm's packed B is blocked by 64 columns (oneDNN's largest packed ld).
+constexpr int64_t kPackN = 64;
 
 template <typename scalar_t>
-void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
-              at::Tensor& out, at::Tensor& lse) {
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p, at::Tensor& out,
+              at::Tensor& lse) {
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Sk = k.size(1), Hkv = k.size(2), G = Hq / Hkv;
   const int64_t qsb = q.stride(0), qss = q.stride(1), qsh = q.stride(2);
@@ -43,10 +52,36 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t rows_max = Mq * G;
   const int64_t n_tasks = B * Hkv * n_qblocks;
 
+  // brgemm's VNNI layout pairs rows along the reduction dim, so D and the key
+  // count of a tile are padded to even with zeros.
+  const at::ScalarType dtype = q.scalar_type();
+  bool use_brgemm = false;
+  // Packing K and V costs about what a GEMM with a few rows does, so decode-
+  // like shapes (few rows per tile) stay on the fp32 path.
+  if constexpr (kReduced) use_brgemm = at::native::cpublas::could_pack(dtype) && Sq * G >= 64;
+  const int64_t Dp = (D + 1) / 2 * 2;
+  const int64_t Dpack = (D + kPackN - 1) / kPackN * kPackN;
+
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_buf(rows_max * D), k_buf(kBlockN * D), v_buf(kBlockN * D);
     std::vector<acc_t> s_buf(rows_max * kBlockN), acc(rows_max * D), row_m(rows_max), row_l(rows_max);
     std::vector<KeyRange> ranges(Mq);
+    // fp32 BLAS path: Q (pre-scaled) and, for reduced inputs, K/V in fp32.
+    std::vector<acc_t> q_buf, k_buf, v_buf;
+    // brgemm path: Q, K^T, P and V in the input type, K^T and V packed.
+    std::vector<scalar_t> q_red, kt_red, k_pack, v_red, v_pack, p_red;
+    if (use_brgemm) {
+      q_red.assign(rows_max * Dp, scalar_t(0));
+      kt_red.assign(Dp * kBlockN, scalar_t(0));
+      k_pack.resize(Dp * kBlockN);
+      v_red.assign((kBlockN + 1) * D, scalar_t(0));
+      v_pack.resize((kBlockN + 1) * Dpack);
+      p_red.assign(rows_max * (kBlockN + 1), scalar_t(0));
+    } else {
+      q_buf.resize(rows_max * D);
+      k_buf.resize(kBlockN * D);
+      v_buf.resize(kBlockN * D);
+    }
+
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks;
       const int64_t hkv = (task / n_qblocks) % Hkv;
@@ -57,10 +92,17 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       // are adjacent in memory, and the output rows come out in that order.
       for (int64_t i = 0; i < mq; ++i) {
         ranges[i] = visible_keys(m0 + i, Sq, Sk, p);
-        for (int64_t g = 0; g < G; ++g)
-          load_scaled(qp + b * qsb + (m0 + i) * qss + (hkv * G + g) * qsh, q_buf.data() + (i * G + g) * D, D,
-                      scale);
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t* src = qp + b * qsb + (m0 + i) * qss + (hkv * G + g) * qsh;
+          if (use_brgemm) {
+            std::copy_n(src, D, q_red.data() + (i * G + g) * Dp);
+          } else {
+            load_scaled(src, q_buf.data() + (i * G + g) * D, D, scale);
+          }
+        }
       }
+      // The brgemm path multiplies by the scale in fp32, after the GEMM.
+      const acc_t score_scale = use_brgemm ? scale : acc_t(1);
       fill(row_m.data(), rows, neg_inf);
       fill(row_l.data(), rows, acc_t(0));
       fill(acc.data(), rows * D, acc_t(0));
@@ -69,12 +111,36 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       const int64_t k_lo = ranges[0].lo, k_hi = ranges[mq - 1].hi;
       for (int64_t n0 = k_lo; n0 <= k_hi; n0 += kBlockN) {
         const int64_t nk = std::min(kBlockN, k_hi + 1 - n0);
-        int64_t ldk, ldv;
-        const acc_t* kt = kv_tile(kp + b * ksb + n0 * kss + hkv * ksh, kss, nk, D, k_buf.data(), ldk);
-        const acc_t* vt = kv_tile(vp + b * vsb + n0 * vss + hkv * vsh, vss, nk, D, v_buf.data(), ldv);
+        const scalar_t* ksrc = kp + b * ksb + n0 * kss + hkv * ksh;
+        const scalar_t* vsrc = vp + b * vsb + n0 * vss + hkv * vsh;
         acc_t* s = s_buf.data();
-        gemm<acc_t>(false, true, rows, nk, D, acc_t(1), q_buf.data(), D, kt, ldk, acc_t(0), s, kBlockN);
 
+        // S = Q K^T
+        const acc_t* vt = nullptr;
+        int64_t ldv = 0;
+        if constexpr (kReduced) {
+          if (use_brgemm) {
+            for (int64_t j = 0; j < nk; j += 32)
+              for (int64_t d = 0; d < D; d += 32)
+                at::vec::transpose_mxn<scalar_t>(ksrc + j * kss + d, kss, kt_red.data() + d * nk + j, nk,
+                                                 std::min<int64_t>(32, nk - j), std::min<int64_t>(32, D - d));
+            if (Dp != D) std::fill_n(kt_red.data() + D * nk, nk, scalar_t(0));
+            for (int64_t c = 0; c < nk; c += kPackN) {
+              const int64_t nc = std::min(kPackN, nk - c);
+              scalar_t* kc = k_pack.data() + c * Dp;
+              at::native::cpublas::pack(Dp, nc, nk, kPackN, dtype, dtype, kt_red.data() + c, kc);
+              at::native::cpublas::brgemm(rows, nc, Dp, Dp, kPackN, kBlockN, false, q_red.data(), kc, s + c);
+            }
+          }
+        }
+        if (!use_brgemm) {
+          int64_t ldk;
+          const acc_t* kt = kv_tile(ksrc, kss, nk, D, k_buf.data(), ldk);
+          vt = kv_tile(vsrc, vss, nk, D, v_buf.data(), ldv);
+          gemm<acc_t>(false, true, rows, nk, D, acc_t(1), q_buf.data(), D, kt, ldk, acc_t(0), s, kBlockN);
+        }
+
+        // Online softmax over the visible part of each row; P replaces S.
         for (int64_t r = 0; r < rows; ++r) {
           const KeyRange& kr = ranges[r / G];
           acc_t* srow = s + r * kBlockN;
@@ -85,6 +151,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             continue;
           }
           const int64_t nc = c1 - c0 + 1;
+          if (score_scale != acc_t(1)) scale_inplace(srow + c0, nc, score_scale);
           if (cap > 0) apply_softcap<acc_t>(srow + c0, nullptr, nc, cap);
           const acc_t m_new = std::max(row_m[r], row_max(srow + c0, nc));
           const acc_t l_new = exp_shift_sum(srow + c0, nc, m_new);
@@ -98,18 +165,39 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           }
           row_l[r] += l_new;
         }
-        gemm<acc_t>(false, false, rows, D, nk, acc_t(1), s, kBlockN, vt, ldv, acc_t(1), acc.data(), D);
+
+        // O += P V
+        if constexpr (kReduced) {
+          if (use_brgemm) {
+            const int64_t nkp = (nk + 1) / 2 * 2;
+            for (int64_t r = 0; r < rows; ++r) {
+              at::vec::convert(s + r * kBlockN, p_red.data() + r * nkp, nk);
+              if (nkp != nk) p_red[r * nkp + nk] = scalar_t(0);
+            }
+            for (int64_t j = 0; j < nk; ++j) std::copy_n(vsrc + j * vss, D, v_red.data() + j * D);
+            if (nkp != nk) std::fill_n(v_red.data() + nk * D, D, scalar_t(0));
+            for (int64_t c = 0; c < D; c += kPackN) {
+              const int64_t nc = std::min(kPackN, D - c);
+              scalar_t* vc = v_pack.data() + c * nkp;
+              at::native::cpublas::pack(nkp, nc, D, kPackN, dtype, dtype, v_red.data() + c, vc);
+              at::native::cpublas::brgemm(rows, nc, nkp, nkp, kPackN, D, true, p_red.data(), vc, acc.data() + c);
+            }
+          }
+        }
+        if (!use_brgemm) {
+          gemm<acc_t>(false, false, rows, D, nk, acc_t(1), s, kBlockN, vt, ldv, acc_t(1), acc.data(), D);
+        }
       }
 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = m0 + r / G, h = hkv * G + r % G;
         const bool any = row_l[r] > 0;
-        store_scaled(acc.data() + r * D, op + ((b * Sq + i) * Hq + h) * D, D,
-                     any ? acc_t(1) / row_l[r] : acc_t(0));
+        store_scaled(acc.data() + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
         lsep[(b * Hq + h) * Sq + i] =
             any ? static_cast<float>(row_m[r] + std::log(row_l[r])) : -std::numeric_limits<float>::infinity();
       }
     }
+    if (use_brgemm) at::native::cpublas::brgemm_release();
   });
 }
 
