@@ -53,8 +53,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     for (int64_t bs = begin; bs < end; ++bs) {
       const int64_t b = bs / Sq, i = bs % Sq;
       for (int64_t h = 0; h < Hq; ++h) {
-        load_scaled(dop + b * dout.stride(0) + i * dout.stride(1) + h * dout.stride(2), a.data(), D, acc_t(1));
-        load_scaled(outp + b * out.stride(0) + i * out.stride(1) + h * out.stride(2), c.data(), D, acc_t(1));
+        copy_scaled(dop + b * dout.stride(0) + i * dout.stride(1) + h * dout.stride(2), a.data(), D, acc_t(1));
+        copy_scaled(outp + b * out.stride(0) + i * out.stride(1) + h * out.stride(2), c.data(), D, acc_t(1));
         acc_t s = 0;
         for (int64_t d = 0; d < D; ++d) s += a[d] * c[d];
         delta[(b * Hq + h) * Sq + i] = s;
@@ -106,9 +106,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             ranges[i] = visible_keys(m0 + i, Sq, Sk, p);
             for (int64_t g = 0; g < G; ++g) {
               const int64_t h = hkv * G + g, r = i * G + g;
-              load_scaled(qp + b * q.stride(0) + (m0 + i) * q.stride(1) + h * q.stride(2), q_buf.data() + r * D, D,
+              copy_scaled(qp + b * q.stride(0) + (m0 + i) * q.stride(1) + h * q.stride(2), q_buf.data() + r * D, D,
                           scale);
-              load_scaled(dop + b * dout.stride(0) + (m0 + i) * dout.stride(1) + h * dout.stride(2),
+              copy_scaled(dop + b * dout.stride(0) + (m0 + i) * dout.stride(1) + h * dout.stride(2),
                           do_buf.data() + r * D, D, acc_t(1));
               row_lse[r] = lsep[b * lsb + h * lsh + (m0 + i) * lss];
               row_delta[r] = delta[(b * Hq + h) * Sq + m0 + i];
@@ -157,8 +157,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t o = ((b * Sk + n0 + j) * Hkv + hkv) * D;
-          store_scaled(dk_acc.data() + j * D, dkp + o, D, acc_t(1));
-          store_scaled(dv_acc.data() + j * D, dvp + o, D, acc_t(1));
+          copy_scaled(dk_acc.data() + j * D, dkp + o, D, acc_t(1));
+          copy_scaled(dv_acc.data() + j * D, dvp + o, D, acc_t(1));
         }
       }
     }
@@ -177,7 +177,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const acc_t* part = dq_accp + c * bh * slice + off;
           for (int64_t d = 0; d < D; ++d) sum[d] += part[d];
         }
-        store_scaled(sum.data(), dqp + ((b * Sq + i) * Hq + h) * D, D, scale);
+        copy_scaled(sum.data(), dqp + ((b * Sq + i) * Hq + h) * D, D, scale);
       }
     }
   });

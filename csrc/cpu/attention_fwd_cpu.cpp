@@ -97,7 +97,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           if (use_brgemm) {
             std::copy_n(src, D, q_red.data() + (i * G + g) * Dp);
           } else {
-            load_scaled(src, q_buf.data() + (i * G + g) * D, D, scale);
+            copy_scaled(src, q_buf.data() + (i * G + g) * D, D, scale);
           }
         }
       }
@@ -192,7 +192,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = m0 + r / G, h = hkv * G + r % G;
         const bool any = row_l[r] > 0;
-        store_scaled(acc.data() + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
+        copy_scaled(acc.data() + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
         lsep[(b * Hq + h) * Sq + i] =
             any ? static_cast<float>(row_m[r] + std::log(row_l[r])) : -std::numeric_limits<float>::infinity();
       }

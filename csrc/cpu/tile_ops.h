@@ -62,32 +62,25 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
   }
 }
 
-// dst[0:n] = src[0:n] * scale, converting to the accumulation type.
-template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* src, acc_t* dst, int64_t n, acc_t scale) {
+// dst[0:n] = src[0:n] * scale, where one side is the input type and the
+// other the accumulation type acc_t (the scale's type), or both are acc_t.
+template <typename src_t, typename dst_t, typename acc_t>
+inline void copy_scaled(const src_t* src, dst_t* dst, int64_t n, acc_t scale) {
   using Vec = at::vec::Vectorized<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, src, n);
-  } else {
+  const auto mul = [scale](Vec x) { return x * Vec(scale); };
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    at::vec::map(mul, dst, src, n);
+  } else if constexpr (std::is_same_v<dst_t, acc_t>) {
     at::vec::convert(src, dst, n);
-    if (scale != acc_t(1)) at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, dst, n);
-  }
-}
-
-// dst[0:n] = src[0:n] * scale, converting to the output type.
-template <typename acc_t, typename scalar_t>
-inline void store_scaled(const acc_t* src, scalar_t* dst, int64_t n, acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    at::vec::map([scale](Vec x) { return x * Vec(scale); }, dst, src, n);
+    if (scale != acc_t(1)) at::vec::map(mul, dst, dst, n);
   } else {
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
       acc_t tmp[Vec::size()];
-      (Vec::loadu(src + i) * Vec(scale)).store(tmp);
+      mul(Vec::loadu(src + i)).store(tmp);
       at::vec::convert(tmp, dst + i, Vec::size());
     }
-    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * scale);
+    for (; i < n; ++i) dst[i] = static_cast<dst_t>(src[i] * scale);
   }
 }
 
