@@ -12,7 +12,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <vector>
 
@@ -25,8 +24,6 @@ namespace {
 // tiles (~1 MB for D = 128) stay in a core's L2.
 constexpr int64_t kRows = 256;
 constexpr int64_t kBlockN = 512;
-// brgemm's packed B is blocked by 64 columns (oneDNN's largest packed ld).
-constexpr int64_t kPackN = 64;
 
 template <typename scalar_t>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p, at::Tensor& out,
@@ -52,30 +49,25 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t rows_max = Mq * G;
   const int64_t n_tasks = B * Hkv * n_qblocks;
 
-  // brgemm's VNNI layout pairs rows along the reduction dim, so D and the key
-  // count of a tile are padded to even with zeros.
-  const at::ScalarType dtype = q.scalar_type();
-  bool use_brgemm = false;
   // Packing K and V costs about what a GEMM with a few rows does, so decode-
   // like shapes (few rows per tile) stay on the fp32 path.
-  if constexpr (kReduced) use_brgemm = at::native::cpublas::could_pack(dtype) && Sq * G >= 64;
-  const int64_t Dp = (D + 1) / 2 * 2;
-  const int64_t Dpack = (D + kPackN - 1) / kPackN * kPackN;
+  bool use_brgemm = false;
+  if constexpr (kReduced) use_brgemm = at::native::cpublas::could_pack(q.scalar_type()) && Sq * G >= 64;
+  const int64_t Dp = round_even(D);
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s_buf(rows_max * kBlockN), acc(rows_max * D), row_m(rows_max), row_l(rows_max);
     std::vector<KeyRange> ranges(Mq);
-    // fp32 BLAS path: Q (pre-scaled) and, for reduced inputs, K/V in fp32.
+    // fp32 BLAS path: Q and, for reduced inputs, K/V in fp32.
     std::vector<acc_t> q_buf, k_buf, v_buf;
-    // brgemm path: Q, K^T, P and V in the input type, K^T and V packed.
-    std::vector<scalar_t> q_red, kt_red, k_pack, v_red, v_pack, p_red;
+    // brgemm path: Q and P in the input type, K^T and V packed.
+    std::vector<scalar_t> q_red, p_red, tmp, k_pack, v_pack;
     if (use_brgemm) {
-      q_red.assign(rows_max * Dp, scalar_t(0));
-      kt_red.assign(Dp * kBlockN, scalar_t(0));
-      k_pack.resize(Dp * kBlockN);
-      v_red.assign((kBlockN + 1) * D, scalar_t(0));
-      v_pack.resize((kBlockN + 1) * Dpack);
-      p_red.assign(rows_max * (kBlockN + 1), scalar_t(0));
+      q_red.assign(rows_max * Dp, scalar_t(0));  // the pad column stays zero
+      p_red.resize(rows_max * round_even(kBlockN));
+      tmp.resize(std::max(Dp * kBlockN, round_even(kBlockN) * D));
+      k_pack.resize(packed_size(D, kBlockN));
+      v_pack.resize(packed_size(kBlockN, D));
     } else {
       q_buf.resize(rows_max * D);
       k_buf.resize(kBlockN * D);
@@ -97,12 +89,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           if (use_brgemm) {
             std::copy_n(src, D, q_red.data() + (i * G + g) * Dp);
           } else {
-            copy_scaled(src, q_buf.data() + (i * G + g) * D, D, scale);
+            copy_scaled(src, q_buf.data() + (i * G + g) * D, D, acc_t(1));
           }
         }
       }
-      // The brgemm path multiplies by the scale in fp32, after the GEMM.
-      const acc_t score_scale = use_brgemm ? scale : acc_t(1);
       fill(row_m.data(), rows, neg_inf);
       fill(row_l.data(), rows, acc_t(0));
       fill(acc.data(), rows * D, acc_t(0));
@@ -120,17 +110,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         int64_t ldv = 0;
         if constexpr (kReduced) {
           if (use_brgemm) {
-            for (int64_t j = 0; j < nk; j += 32)
-              for (int64_t d = 0; d < D; d += 32)
-                at::vec::transpose_mxn<scalar_t>(ksrc + j * kss + d, kss, kt_red.data() + d * nk + j, nk,
-                                                 std::min<int64_t>(32, nk - j), std::min<int64_t>(32, D - d));
-            if (Dp != D) std::fill_n(kt_red.data() + D * nk, nk, scalar_t(0));
-            for (int64_t c = 0; c < nk; c += kPackN) {
-              const int64_t nc = std::min(kPackN, nk - c);
-              scalar_t* kc = k_pack.data() + c * Dp;
-              at::native::cpublas::pack(Dp, nc, nk, kPackN, dtype, dtype, kt_red.data() + c, kc);
-              at::native::cpublas::brgemm(rows, nc, Dp, Dp, kPackN, kBlockN, false, q_red.data(), kc, s + c);
-            }
+            pack_b_transposed(ksrc, kss, nk, D, tmp.data(), k_pack.data());
+            brgemm_packed(rows, nk, D, q_red.data(), Dp, k_pack.data(), s, kBlockN, false);
           }
         }
         if (!use_brgemm) {
@@ -151,7 +132,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             continue;
           }
           const int64_t nc = c1 - c0 + 1;
-          if (score_scale != acc_t(1)) scale_inplace(srow + c0, nc, score_scale);
+          scale_inplace(srow + c0, nc, scale);
           if (cap > 0) apply_softcap<acc_t>(srow + c0, nullptr, nc, cap);
           const acc_t m_new = std::max(row_m[r], row_max(srow + c0, nc));
           const acc_t l_new = exp_shift_sum(srow + c0, nc, m_new);
@@ -166,22 +147,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           row_l[r] += l_new;
         }
 
-        // O += P V
+        // O += P V; the brgemm path rounds P to the input type, as FlashAttention does.
         if constexpr (kReduced) {
           if (use_brgemm) {
-            const int64_t nkp = (nk + 1) / 2 * 2;
-            for (int64_t r = 0; r < rows; ++r) {
-              at::vec::convert(s + r * kBlockN, p_red.data() + r * nkp, nk);
-              if (nkp != nk) p_red[r * nkp + nk] = scalar_t(0);
-            }
-            for (int64_t j = 0; j < nk; ++j) std::copy_n(vsrc + j * vss, D, v_red.data() + j * D);
-            if (nkp != nk) std::fill_n(v_red.data() + nk * D, D, scalar_t(0));
-            for (int64_t c = 0; c < D; c += kPackN) {
-              const int64_t nc = std::min(kPackN, D - c);
-              scalar_t* vc = v_pack.data() + c * nkp;
-              at::native::cpublas::pack(nkp, nc, D, kPackN, dtype, dtype, v_red.data() + c, vc);
-              at::native::cpublas::brgemm(rows, nc, nkp, nkp, kPackN, D, true, p_red.data(), vc, acc.data() + c);
-            }
+            to_padded_rows(s, kBlockN, rows, nk, p_red.data());
+            pack_b(vsrc, vss, nk, D, tmp.data(), v_pack.data());
+            brgemm_packed(rows, D, nk, p_red.data(), round_even(nk), v_pack.data(), acc.data(), D, true);
           }
         }
         if (!use_brgemm) {

@@ -6,6 +6,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/irange.h>
 
 #include <cmath>
@@ -163,6 +164,70 @@ inline const acc_t* kv_tile(const scalar_t* src, int64_t row_stride, int64_t n, 
   for (int64_t r = 0; r < n; ++r) at::vec::convert(src + r * row_stride, buf + r * D, D);
   ld = D;
   return buf;
+}
+
+// ---- bfloat16/float16 GEMMs on oneDNN's brgemm (through ATen) ----
+// brgemm multiplies A (m x k, row-major) by a B that was packed into its VNNI
+// layout: pairs of rows along k interleaved, so k is padded to even with
+// zeros, and blocked by kPackN columns (the largest packed ld oneDNN takes).
+constexpr int64_t kPackN = 64;
+
+inline int64_t round_even(int64_t n) { return (n + 1) / 2 * 2; }
+inline int64_t round_pack(int64_t n) { return (n + kPackN - 1) / kPackN * kPackN; }
+
+// Elements a packed B of (k x n) needs.
+inline int64_t packed_size(int64_t k, int64_t n) { return round_even(k) * round_pack(n); }
+
+// dst (n x m, ld_dst) = src (m x n, ld_src)^T, in 32 x 32 blocks.
+template <typename T>
+inline void transpose(const T* src, int64_t ld_src, int64_t m, int64_t n, T* dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < m; i += 32)
+    for (int64_t j = 0; j < n; j += 32)
+      at::vec::transpose_mxn<T>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
+                                static_cast<int>(std::min<int64_t>(32, m - i)),
+                                static_cast<int>(std::min<int64_t>(32, n - j)));
+}
+
+// Packs B = src (k x n, row stride ld_src) for brgemm_packed; `tmp` holds
+// round_even(k) * n elements.
+template <typename T>
+inline void pack_b(const T* src, int64_t ld_src, int64_t k, int64_t n, T* tmp, T* packed) {
+  const int64_t kp = round_even(k);
+  if (src != tmp)
+    for (int64_t r = 0; r < k; ++r) std::copy_n(src + r * ld_src, n, tmp + r * n);
+  if (kp != k) std::fill_n(tmp + k * n, n, T(0));
+  const auto dt = c10::CppTypeToScalarType<T>::value;
+  for (int64_t c = 0; c < n; c += kPackN)
+    at::native::cpublas::pack(kp, std::min(kPackN, n - c), n, kPackN, dt, dt, tmp + c, packed + c * kp);
+}
+
+// Packs B = src^T, where src is (n x k, row stride ld_src): a K or V tile
+// used as K^T / V^T. `tmp` holds round_even(k) * n elements.
+template <typename T>
+inline void pack_b_transposed(const T* src, int64_t ld_src, int64_t n, int64_t k, T* tmp, T* packed) {
+  transpose(src, ld_src, n, k, tmp, n);
+  pack_b(tmp, n, k, n, tmp, packed);
+}
+
+// c (m x n, ldc) = [c +] a (m x k, lda) * B, with B from pack_b. a's k
+// columns must be padded to even with zeros.
+template <typename T>
+inline void brgemm_packed(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* packed, float* c,
+                          int64_t ldc, bool accumulate) {
+  const int64_t kp = round_even(k);
+  for (int64_t j = 0; j < n; j += kPackN)
+    at::native::cpublas::brgemm(m, std::min(kPackN, n - j), kp, lda, kPackN, ldc, accumulate, a, packed + j * kp,
+                                c + j);
+}
+
+// dst (m x round_even(n), row-major) = src (m x n, ld_src) in T, zero-padded.
+template <typename T>
+inline void to_padded_rows(const float* src, int64_t ld_src, int64_t m, int64_t n, T* dst) {
+  const int64_t np = round_even(n);
+  for (int64_t r = 0; r < m; ++r) {
+    at::vec::convert(src + r * ld_src, dst + r * np, n);
+    if (np != n) dst[r * np + n] = T(0);
+  }
 }
 
 }  // namespace CPU_CAPABILITY
