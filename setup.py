@@ -7,7 +7,6 @@ TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, CUTLASS_INCLUDE_DIR.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,6 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-# The version is stated once, in pyproject.toml.
-VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
 class CMakeBuild(build_ext):
@@ -33,7 +30,6 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={prefix_path}",
-            f"-DGQA_EXT_VERSION={VERSION}",
             f"-DGQA_EXT_OUTPUT_DIR={out_dir}",
         ]
         subprocess.run(configure, check=True)
@@ -45,7 +41,6 @@ class CMakeBuild(build_ext):
 TORCH_RELEASE = torch.__version__.split("+")[0]
 
 setup(
-    version=VERSION,
     install_requires=[f"torch=={TORCH_RELEASE}"],
     ext_modules=[Extension("gqa_ext._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

@@ -63,3 +63,19 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor | None):
 
 
 torch.library.register_autograd("gqa::forward", _backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx, *grads: Tensor):
+    raise RuntimeError(
+        "gqa_ext: gradients of the attention gradients (double backward) are not supported; "
+        "gqa.backward is differentiable only once"
+    )
+
+
+def _setup_backward_context(ctx, inputs, output) -> None:
+    pass
+
+
+# Without this, autograd would treat gqa.backward as constant and a double
+# backward would silently return zeros.
+torch.library.register_autograd("gqa::backward", _double_backward, setup_context=_setup_backward_context)

@@ -49,7 +49,11 @@ def attention(
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"gqa_ext.attention: layout must be one of {_LAYOUTS}, got {layout!r}")
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+    if not (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
         raise TypeError(f"gqa_ext.attention: window must be a (left, right) pair of ints, got {window!r}")
     if layout == "bhsd":
         for name, t in (("q", q), ("k", k), ("v", v)):

@@ -82,6 +82,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const int64_t Dp = round_even(D), rows_p = round_even(rows_max), nk_p = round_even(kBlockN);
 
   at::parallel_for(0, n_chunks * bh, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential_blas;
     std::vector<acc_t> p_buf(rows_max * kBlockN), ds_buf(rows_max * kBlockN), g_buf(cap > 0 ? rows_max * kBlockN : 0);
     std::vector<acc_t> dk_acc(kBlockN * D), dv_acc(kBlockN * D), row_lse(rows_max), row_delta(rows_max);
     std::vector<KeyRange> ranges(Mq);

@@ -56,6 +56,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const int64_t Dp = round_even(D);
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential_blas;
     std::vector<acc_t> s_buf(rows_max * kBlockN), acc(rows_max * D), row_m(rows_max), row_l(rows_max);
     std::vector<KeyRange> ranges(Mq);
     // fp32 BLAS path: Q and, for reduced inputs, K/V in fp32.

@@ -29,10 +29,28 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
+#ifdef GQA_TORCH_HAS_MKL
+int MKL_Set_Num_Threads_Local(int nt);  // MKL's C interface
+#endif
 }
 
 namespace gqa::cpu {
 namespace CPU_CAPABILITY {
+
+// Makes BLAS single-threaded on this thread while alive. Torch turns MKL's
+// dynamic threading off, so without it every GEMM called from inside an
+// at::parallel_for task starts threads of its own, and the oversubscribed
+// cores run tens of times slower.
+class SequentialBlas {
+ public:
+#ifdef GQA_TORCH_HAS_MKL
+  SequentialBlas() : saved_(MKL_Set_Num_Threads_Local(1)) {}
+  ~SequentialBlas() { MKL_Set_Num_Threads_Local(saved_); }
+
+ private:
+  int saved_;
+#endif
+};
 
 // Accumulation type: fp32 for every dtype but float64, which stays float64 so
 // that gradcheck sees exact derivatives.
