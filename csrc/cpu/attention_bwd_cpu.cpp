@@ -91,7 +91,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     // brgemm path: operands in the input type; B operands packed.
     std::vector<scalar_t> q_red, do_red, p_red, pt_red, tmp, kt_pack, vt_pack, k_pack, q_pack, do_pack;
     if (use_brgemm) {
-      q_red.assign(rows_p * Dp, scalar_t(0));  // pad row and column stay zero
+      q_red.assign(rows_p * Dp, scalar_t(0));  // the pad column stays zero; pad rows are cleared when used
       do_red.assign(rows_p * Dp, scalar_t(0));
       p_red.resize(rows_p * nk_p);
       pt_red.resize(kBlockN * rows_p);
@@ -191,8 +191,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             }
             const int64_t nc = c1 - c0 + 1;
             acc_t* grow = cap > 0 ? g_buf.data() + r * kBlockN : nullptr;
-            scale_inplace(prow + c0, nc, scale);
-            if (cap > 0) apply_softcap<acc_t>(prow + c0, grow + c0, nc, cap);
+            transform_scores<acc_t>(prow + c0, cap > 0 ? grow + c0 : nullptr, nc, scale, cap);
             exp_shift_sum(prow + c0, nc, row_lse[r]);
             fill(prow, c0, acc_t(0));
             fill(prow + c1 + 1, nk - c1 - 1, acc_t(0));

@@ -133,9 +133,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
             continue;
           }
           const int64_t nc = c1 - c0 + 1;
-          scale_inplace(srow + c0, nc, scale);
-          if (cap > 0) apply_softcap<acc_t>(srow + c0, nullptr, nc, cap);
-          const acc_t m_new = std::max(row_m[r], row_max(srow + c0, nc));
+          const acc_t m_new = std::max(row_m[r], transform_scores<acc_t>(srow + c0, nullptr, nc, scale, cap));
           const acc_t l_new = exp_shift_sum(srow + c0, nc, m_new);
           fill(srow, c0, acc_t(0));
           fill(srow + c1 + 1, nk - c1 - 1, acc_t(0));

@@ -103,17 +103,36 @@ inline void copy_scaled(const src_t* src, dst_t* dst, int64_t n, acc_t scale) {
   }
 }
 
+// One pass over a row of raw scores x = q.k: x = scale * x, then with
+// cap > 0 x = cap * tanh(x / cap) and, if g is given, g = 1 - tanh^2 (the
+// softcap's derivative). Returns the row's max.
 template <typename T>
-inline T row_max(const T* x, int64_t n) {
+inline T transform_scores(T* x, T* g, int64_t n, T scale, T cap) {
   using Vec = at::vec::Vectorized<T>;
-  T m = -std::numeric_limits<T>::infinity();
+  const T inv_cap = cap > 0 ? T(1) / cap : T(0);
+  Vec vmax(-std::numeric_limits<T>::infinity());
   int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vm = Vec::loadu(x);
-    for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec s = Vec::loadu(x + i) * Vec(scale);
+    if (cap > 0) {
+      const Vec t = (s * Vec(inv_cap)).tanh();
+      s = t * Vec(cap);
+      if (g) (Vec(T(1)) - t * t).store(g + i);
+    }
+    s.store(x + i);
+    vmax = at::vec::maximum(vmax, s);
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; i < n; ++i) {
+    T s = x[i] * scale;
+    if (cap > 0) {
+      const T t = std::tanh(s * inv_cap);
+      s = cap * t;
+      if (g) g[i] = T(1) - t * t;
+    }
+    x[i] = s;
+    m = std::max(m, s);
+  }
   return m;
 }
 
@@ -135,24 +154,6 @@ inline T exp_shift_sum(T* x, int64_t n, T shift) {
     s += x[i];
   }
   return s;
-}
-
-// x = cap * tanh(x / cap); with keep_grad, g = 1 - tanh^2 (the derivative).
-template <typename T>
-inline void apply_softcap(T* x, T* g, int64_t n, T cap) {
-  using Vec = at::vec::Vectorized<T>;
-  const T inv = T(1) / cap;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec t = (Vec::loadu(x + i) * Vec(inv)).tanh();
-    (t * Vec(cap)).store(x + i);
-    if (g) (Vec(T(1)) - t * t).store(g + i);
-  }
-  for (; i < n; ++i) {
-    const T t = std::tanh(x[i] * inv);
-    x[i] = cap * t;
-    if (g) g[i] = T(1) - t * t;
-  }
 }
 
 template <typename T>
