@@ -167,8 +167,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           acc_t* ds = ds_buf.data();
           if constexpr (kReduced) {
             if (use_brgemm) {
-              brgemm_packed(rows, nk, D, q_red.data(), Dp, kt_pack.data(), pm, kBlockN, false);
-              brgemm_packed(rows, nk, D, do_red.data(), Dp, vt_pack.data(), ds, kBlockN, false);
+              brgemm_packed(rows, nk, D, q_red.data(), Dp, kt_pack.data(), D, pm, kBlockN, false);
+              brgemm_packed(rows, nk, D, do_red.data(), Dp, vt_pack.data(), D, ds, kBlockN, false);
             }
           }
           if (!use_brgemm) {
@@ -216,10 +216,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
                 to_padded_rows(src, kBlockN, rows, nk, p_red.data());
                 if (rp != rows) std::fill_n(p_red.data() + rows * round_even(nk), round_even(nk), scalar_t(0));
                 transpose(p_red.data(), round_even(nk), rp, nk, pt_red.data(), rp);
-                brgemm_packed(nk, D, rows, pt_red.data(), rp, packed, acc, D, true);
+                brgemm_packed(nk, D, rows, pt_red.data(), rp, packed, rows, acc, D, true);
               }
               // p_red holds dS from the loop's last pass.
-              brgemm_packed(rows, D, nk, p_red.data(), round_even(nk), k_pack.data(), dq_slice + m0 * G * D, D,
+              brgemm_packed(rows, D, nk, p_red.data(), round_even(nk), k_pack.data(), nk, dq_slice + m0 * G * D, D,
                             true);
             }
           }

@@ -12,6 +12,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <vector>
 
@@ -55,20 +56,38 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   if constexpr (kReduced) use_brgemm = at::native::cpublas::could_pack(q.scalar_type()) && Sq * G >= 64;
   const int64_t Dp = round_even(D);
 
+  // brgemm path: K^T and V of every key tile packed once, up front, rather
+  // than by each query block that reads them.
+  const int64_t n_ktiles = (Sk + kBlockN - 1) / kBlockN;
+  const int64_t kt_size = packed_size(D, kBlockN), v_size = packed_size(kBlockN, D);
+  at::Tensor k_packed, v_packed;
+  if (use_brgemm) {
+    k_packed = at::empty({B * Hkv * n_ktiles * kt_size}, q.options());
+    v_packed = at::empty({B * Hkv * n_ktiles * v_size}, q.options());
+    scalar_t* kpk = k_packed.data_ptr<scalar_t>();
+    scalar_t* vpk = v_packed.data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hkv * n_ktiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tmp(std::max(Dp * kBlockN, round_even(kBlockN) * D));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t % n_ktiles * kBlockN, hkv = t / n_ktiles % Hkv, b = t / (n_ktiles * Hkv);
+        const int64_t nk = std::min(kBlockN, Sk - n0);
+        pack_b_transposed(kp + b * ksb + n0 * kss + hkv * ksh, kss, nk, D, tmp.data(), kpk + t * kt_size);
+        pack_b(vp + b * vsb + n0 * vss + hkv * vsh, vss, nk, D, tmp.data(), vpk + t * v_size);
+      }
+    });
+  }
+
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
     std::vector<acc_t> s_buf(rows_max * kBlockN), acc(rows_max * D), row_m(rows_max), row_l(rows_max);
     std::vector<KeyRange> ranges(Mq);
     // fp32 BLAS path: Q and, for reduced inputs, K/V in fp32.
     std::vector<acc_t> q_buf, k_buf, v_buf;
-    // brgemm path: Q and P in the input type, K^T and V packed.
-    std::vector<scalar_t> q_red, p_red, tmp, k_pack, v_pack;
+    // brgemm path: Q and P in the input type.
+    std::vector<scalar_t> q_red, p_red;
     if (use_brgemm) {
       q_red.assign(rows_max * Dp, scalar_t(0));  // the pad column stays zero
       p_red.resize(rows_max * round_even(kBlockN));
-      tmp.resize(std::max(Dp * kBlockN, round_even(kBlockN) * D));
-      k_pack.resize(packed_size(D, kBlockN));
-      v_pack.resize(packed_size(kBlockN, D));
     } else {
       q_buf.resize(rows_max * D);
       k_buf.resize(kBlockN * D);
@@ -98,10 +117,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       fill(row_l.data(), rows, acc_t(0));
       fill(acc.data(), rows * D, acc_t(0));
 
-      // The windows only move forward with the query position.
+      // The windows only move forward with the query position. Tiles are
+      // aligned to kBlockN so that the brgemm path finds them packed; columns
+      // before k_lo are masked like any other.
       const int64_t k_lo = ranges[0].lo, k_hi = ranges[mq - 1].hi;
-      for (int64_t n0 = k_lo; n0 <= k_hi; n0 += kBlockN) {
-        const int64_t nk = std::min(kBlockN, k_hi + 1 - n0);
+      for (int64_t tile = k_lo / kBlockN; tile * kBlockN <= k_hi; ++tile) {
+        const int64_t n0 = tile * kBlockN, nk = std::min(kBlockN, k_hi + 1 - n0);
+        const int64_t packed_nk = std::min(kBlockN, Sk - n0);  // the whole tile, as packed
+        const int64_t packed_tile = (b * Hkv + hkv) * n_ktiles + tile;
         const scalar_t* ksrc = kp + b * ksb + n0 * kss + hkv * ksh;
         const scalar_t* vsrc = vp + b * vsb + n0 * vss + hkv * vsh;
         acc_t* s = s_buf.data();
@@ -111,8 +134,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         int64_t ldv = 0;
         if constexpr (kReduced) {
           if (use_brgemm) {
-            pack_b_transposed(ksrc, kss, nk, D, tmp.data(), k_pack.data());
-            brgemm_packed(rows, nk, D, q_red.data(), Dp, k_pack.data(), s, kBlockN, false);
+            brgemm_packed(rows, nk, D, q_red.data(), Dp, k_packed.const_data_ptr<scalar_t>() + packed_tile * kt_size, D,
+                          s, kBlockN, false);
           }
         }
         if (!use_brgemm) {
@@ -150,8 +173,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         if constexpr (kReduced) {
           if (use_brgemm) {
             to_padded_rows(s, kBlockN, rows, nk, p_red.data());
-            pack_b(vsrc, vss, nk, D, tmp.data(), v_pack.data());
-            brgemm_packed(rows, D, nk, p_red.data(), round_even(nk), v_pack.data(), acc.data(), D, true);
+            brgemm_packed(rows, D, nk, p_red.data(), round_even(nk),
+                          v_packed.const_data_ptr<scalar_t>() + packed_tile * v_size, packed_nk, acc.data(), D, true);
           }
         }
         if (!use_brgemm) {

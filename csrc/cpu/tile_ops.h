@@ -109,24 +109,32 @@ inline void copy_scaled(const src_t* src, dst_t* dst, int64_t n, acc_t scale) {
 template <typename T>
 inline T transform_scores(T* x, T* g, int64_t n, T scale, T cap) {
   using Vec = at::vec::Vectorized<T>;
-  const T inv_cap = cap > 0 ? T(1) / cap : T(0);
+  // Scores are finite, so the max needs no NaN handling (clamp_min is a bare
+  // max instruction, at::vec::maximum is not); the common no-softcap case
+  // gets its own loop so that the running max stays in a register.
   Vec vmax(-std::numeric_limits<T>::infinity());
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec s = Vec::loadu(x + i) * Vec(scale);
-    if (cap > 0) {
-      const Vec t = (s * Vec(inv_cap)).tanh();
-      s = t * Vec(cap);
+  if (cap > 0) {
+    const T inv_cap = T(1) / cap;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec t = (Vec::loadu(x + i) * Vec(scale * inv_cap)).tanh();
+      const Vec s = t * Vec(cap);
       if (g) (Vec(T(1)) - t * t).store(g + i);
+      s.store(x + i);
+      vmax = at::vec::clamp_min(s, vmax);
     }
-    s.store(x + i);
-    vmax = at::vec::maximum(vmax, s);
+  } else {
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec s = Vec::loadu(x + i) * Vec(scale);
+      s.store(x + i);
+      vmax = at::vec::clamp_min(s, vmax);
+    }
   }
-  T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::clamp_min(a, b); }, vmax);
   for (; i < n; ++i) {
     T s = x[i] * scale;
     if (cap > 0) {
-      const T t = std::tanh(s * inv_cap);
+      const T t = std::tanh(s / cap);
       s = cap * t;
       if (g) g[i] = T(1) - t * t;
     }
@@ -228,15 +236,15 @@ inline void pack_b_transposed(const T* src, int64_t ld_src, int64_t n, int64_t k
   pack_b(tmp, n, k, n, tmp, packed);
 }
 
-// c (m x n, ldc) = [c +] a (m x k, lda) * B, with B from pack_b. a's k
-// columns must be padded to even with zeros.
+// c (m x n, ldc) = [c +] a (m x k, lda) * B[:k, :n], with B (packed_k x >= n)
+// from pack_b. a's columns from k to round_even(k) must be zero.
 template <typename T>
-inline void brgemm_packed(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* packed, float* c,
-                          int64_t ldc, bool accumulate) {
-  const int64_t kp = round_even(k);
+inline void brgemm_packed(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* packed,
+                          int64_t packed_k, float* c, int64_t ldc, bool accumulate) {
+  const int64_t kp = round_even(packed_k);
   for (int64_t j = 0; j < n; j += kPackN)
-    at::native::cpublas::brgemm(m, std::min(kPackN, n - j), kp, lda, kPackN, ldc, accumulate, a, packed + j * kp,
-                                c + j);
+    at::native::cpublas::brgemm(m, std::min(kPackN, n - j), round_even(k), lda, kPackN, ldc, accumulate, a,
+                                packed + j * kp, c + j);
 }
 
 // dst (m x round_even(n), row-major) = src (m x n, ld_src) in T, zero-padded.
