@@ -119,7 +119,9 @@ def main() -> None:
         meta = dict(
             date=datetime.date.today().isoformat(),
             commit=commit,
-            command=" ".join(["python", *sys.argv]),
+            command=" ".join(
+                ["python", os.path.relpath(sys.argv[0], os.path.join(os.path.dirname(__file__), "..")), *sys.argv[1:]]
+            ),
             device=f"CPU: {_cpu_name()}, {os.cpu_count()} cores",
             torch=torch.__version__,
             threads=torch.get_num_threads(),
