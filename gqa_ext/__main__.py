@@ -16,6 +16,7 @@ import gqa_ext
 
 
 def main() -> None:
+    """Print build_info() and run the demo (the ``gqa-ext`` command)."""
     print("gqa_ext build:", json.dumps(gqa_ext.build_info(), indent=2))
     torch.manual_seed(0)
     batch, seqlen, heads_q, heads_kv, head_dim = 1, 333, 32, 8, 128
