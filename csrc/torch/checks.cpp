@@ -1,8 +1,12 @@
 #include "torch/checks.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 namespace gqa {
 
@@ -80,6 +84,16 @@ AttnParams check_backward_args(const char* op, const at::Tensor& dout, const at:
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), op, ": lse must have shape (B, Hq, Sq) = ",
                     at::IntArrayRef(lse_shape), ", got ", lse.sizes());
   return p;
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* env = std::getenv("GQA_EXT_POISON_OUTPUTS");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  at::Tensor t = at::empty(sizes, options);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 }  // namespace gqa

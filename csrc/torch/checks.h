@@ -1,4 +1,5 @@
-// Argument checks shared by every device's implementation of the ops.
+// Argument checks and output allocation shared by every device's
+// implementation of the ops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,5 +22,10 @@ AttnParams check_backward_args(const char* op, const at::Tensor& dout, const at:
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                std::optional<double> softmax_scale, bool causal, int64_t window_left,
                                int64_t window_right, double softcap);
+
+// at::empty, or filled with NaN when GQA_EXT_POISON_OUTPUTS=1 (the tests set
+// it) so that an element a kernel fails to write shows instead of whatever
+// the allocator left there, possibly a previous call's right answer.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace gqa

@@ -1,4 +1,3 @@
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "cpu/attention_cpu.h"
@@ -12,8 +11,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                int64_t window_left, int64_t window_right, double softcap) {
   const AttnParams p =
       check_forward_args("gqa.forward", q, k, v, softmax_scale, causal, window_left, window_right, softcap);
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor out = new_output(q.sizes(), q.options());
+  at::Tensor lse = new_output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) cpu::attention_fwd(q, k, v, p, out, lse);
   return {out, lse};
 }
@@ -26,9 +25,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     int64_t window_right, double softcap, bool /*deterministic*/) {
   const AttnParams p = check_backward_args("gqa.backward", dout, q, k, v, out, lse, softmax_scale, causal,
                                            window_left, window_right, softcap);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
   if (dq.numel() > 0 || dk.numel() > 0) cpu::attention_bwd(dout, q, k, v, out, lse, p, dq, dk, dv);
   return {dq, dk, dv};
 }
