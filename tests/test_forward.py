@@ -224,3 +224,25 @@ def test_forward_does_not_modify_inputs(kind, dtype):
     torch.ops.gqa.forward(q, k, v, causal=True, softcap=2.0, window_left=64)
     for b, s in zip(bases, saved, strict=True):
         assert torch.equal(b, s)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "seqlen_q, options",
+    [
+        (1, {}),
+        (1, {"window_left": 700, "window_right": 0}),
+        (3, {"causal": True, "softcap": 4.0}),
+        (2, {"window_left": 0, "window_right": 0}),  # one key: most splits see nothing
+    ],
+    ids=["decode", "decode_window", "causal_softcap", "single_key"],
+)
+def test_forward_split_kv(threads, dtype, seqlen_q, options, num_threads):
+    # One (batch, KV head) task and more threads: the kernel splits the key
+    # tiles (512 keys each) across threads and merges the parts.
+    num_threads(threads)
+    q, k, v = make_qkv(1, seqlen_q, 1537, 7, 1, 64, dtype)
+    out, lse = check_forward(q, k, v, **options)
+    again, lse_again = torch.ops.gqa.forward(q, k, v, **options)
+    assert torch.equal(out, again) and torch.equal(lse, lse_again)

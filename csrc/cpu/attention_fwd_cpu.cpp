@@ -77,7 +77,34 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     });
   }
 
-  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+  // Split-KV, as flash-decoding does: with fewer tasks than threads (decoding
+  // with few KV heads, say), each task's key tiles are split too. Each split
+  // leaves its unnormalized output and row max and sum, which are merged in
+  // split order afterwards, so results do not depend on scheduling.
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t n_splits =
+      n_tasks >= n_threads ? 1 : std::clamp<int64_t>((n_threads + n_tasks - 1) / n_tasks, 1, std::max<int64_t>(n_ktiles, 1));
+  std::vector<acc_t> part_acc, part_m, part_l;  // (task, split, row[, D])
+  if (n_splits > 1) {
+    part_acc.resize(n_tasks * n_splits * rows_max * D);
+    part_m.resize(n_tasks * n_splits * rows_max);
+    part_l.resize(n_tasks * n_splits * rows_max);
+  }
+
+  // out = acc / l and lse = m + log(l) for the rows of one task.
+  const auto write_rows = [&](int64_t task, const acc_t* acc, const acc_t* row_m, const acc_t* row_l) {
+    const int64_t qb = task % n_qblocks, hkv = (task / n_qblocks) % Hkv, b = task / (n_qblocks * Hkv);
+    const int64_t m0 = qb * Mq, rows = std::min(Mq, Sq - m0) * G;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = m0 + r / G, h = hkv * G + r % G;
+      const bool any = row_l[r] > 0;
+      copy_scaled(acc + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
+      lsep[(b * Hq + h) * Sq + i] =
+          any ? static_cast<float>(row_m[r] + std::log(row_l[r])) : -std::numeric_limits<float>::infinity();
+    }
+  };
+
+  at::parallel_for(0, n_tasks * n_splits, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential_blas;
     std::vector<acc_t> s_buf(rows_max * kBlockN), acc(rows_max * D), row_m(rows_max), row_l(rows_max);
     std::vector<KeyRange> ranges(Mq);
@@ -94,7 +121,8 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       v_buf.resize(kBlockN * D);
     }
 
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t task = work / n_splits, split = work % n_splits;
       const int64_t qb = task % n_qblocks;
       const int64_t hkv = (task / n_qblocks) % Hkv;
       const int64_t b = task / (n_qblocks * Hkv);
@@ -121,7 +149,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
       // aligned to kBlockN so that the brgemm path finds them packed; columns
       // before k_lo are masked like any other.
       const int64_t k_lo = ranges[0].lo, k_hi = ranges[mq - 1].hi;
-      for (int64_t tile = k_lo / kBlockN; tile * kBlockN <= k_hi; ++tile) {
+      const int64_t first = k_lo / kBlockN, n_tiles = k_hi >= k_lo ? k_hi / kBlockN - first + 1 : 0;
+      const int64_t tile_end = first + (split + 1) * n_tiles / n_splits;
+      for (int64_t tile = first + split * n_tiles / n_splits; tile < tile_end; ++tile) {
         const int64_t n0 = tile * kBlockN, nk = std::min(kBlockN, k_hi + 1 - n0);
         const int64_t packed_nk = std::min(kBlockN, Sk - n0);  // the whole tile, as packed
         const int64_t packed_tile = (b * Hkv + hkv) * n_ktiles + tile;
@@ -182,16 +212,43 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         }
       }
 
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = m0 + r / G, h = hkv * G + r % G;
-        const bool any = row_l[r] > 0;
-        copy_scaled(acc.data() + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
-        lsep[(b * Hq + h) * Sq + i] =
-            any ? static_cast<float>(row_m[r] + std::log(row_l[r])) : -std::numeric_limits<float>::infinity();
+      if (n_splits == 1) {
+        write_rows(task, acc.data(), row_m.data(), row_l.data());
+      } else {
+        const int64_t part = work * rows_max;
+        std::copy_n(acc.data(), rows * D, part_acc.data() + part * D);
+        std::copy_n(row_m.data(), rows, part_m.data() + part);
+        std::copy_n(row_l.data(), rows, part_l.data() + part);
       }
     }
     if (use_brgemm) at::native::cpublas::brgemm_release();
   });
+
+  if (n_splits > 1) {
+    // The log-sum-exp merge: rescale each split to the overall row max.
+    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(rows_max * D), row_m(rows_max), row_l(rows_max);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rows = std::min(Mq, Sq - task % n_qblocks * Mq) * G;
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t m = -std::numeric_limits<acc_t>::infinity(), l = 0;
+          for (int64_t sp = 0; sp < n_splits; ++sp) m = std::max(m, part_m[(task * n_splits + sp) * rows_max + r]);
+          fill(acc.data() + r * D, D, acc_t(0));
+          for (int64_t sp = 0; sp < n_splits; ++sp) {
+            const int64_t part = (task * n_splits + sp) * rows_max + r;
+            if (part_l[part] == 0) continue;  // this split saw none of the row's keys
+            const acc_t w = std::exp(part_m[part] - m);
+            l += part_l[part] * w;
+            at::vec::map2([w](auto a, auto x) { return a + x * decltype(x)(w); }, acc.data() + r * D,
+                          acc.data() + r * D, part_acc.data() + part * D, D);
+          }
+          row_m[r] = m;
+          row_l[r] = l;
+        }
+        write_rows(task, acc.data(), row_m.data(), row_l.data());
+      }
+    });
+  }
 }
 
 }  // namespace
