@@ -105,8 +105,9 @@ def make_qkv(
     dtype: torch.dtype = torch.float32,
     *,
     kind: str = "contiguous",
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random q (B, Sq, Hq, D) and k, v (B, Sk, Hkv, D), standard normal.
+    """Random q (B, Sq, Hq, D) and k, v (B, Sk, Hkv, D), standard normal, on ``device``.
 
     ``kind`` picks the memory layout; the last dim is always contiguous:
       - ``"contiguous"``: plain contiguous tensors;
@@ -116,10 +117,14 @@ def make_qkv(
       - ``"kv_strides_differ"``: k transposed from bhsd, v a slice, q contiguous;
       - ``"packed_kv"``: k and v interleaved in one (B, Sk, 2, Hkv, D) tensor;
       - ``"expanded_batch"``: k and v broadcast over the batch (stride 0).
+
+    Every tensor is created on ``device`` and then sliced or viewed there, so
+    the layout is the one described above on any device (``.to(device)`` of a
+    strided tensor could make it contiguous).
     """
 
     def randn(*shape):
-        return torch.randn(*shape, dtype=dtype)
+        return torch.randn(*shape, dtype=dtype, device=device)
 
     def sliced(*shape):
         b, s, h, d = shape

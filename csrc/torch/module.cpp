@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/attention_cpu.h"
+#include "torch/fwd_overrides.h"
 #ifdef GQA_EXT_WITH_CUDA
 #include "kernels/build_info.h"
 #endif
@@ -35,13 +36,34 @@ py::dict build_info() {
   d["cuda_archs"] = py::list();
   d["cutlass_version"] = py::none();
 #endif
-  d["cuda_kernels"] = false;  // the CUDA ops raise "not built yet" until the kernels land
+#ifdef GQA_EXT_WITH_CUDA
+  d["cuda_kernels"] = true;  // the forward; the CUDA backward raises "not built yet" until it lands
+#else
+  d["cuda_kernels"] = false;
+#endif
   return d;
 }
 
 }  // namespace
 
+namespace gqa {
+
+ForwardOverrides& forward_overrides() {
+  static ForwardOverrides overrides;
+  return overrides;
+}
+
+}  // namespace gqa
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gqa_ext native ops (registered as torch.ops.gqa.*)";
   m.def("build_info", &build_info, "What this build of gqa_ext contains.");
+  m.def(
+      "_set_forward_overrides",
+      [](int num_splits, int pack_gqa) {
+        if (num_splits < 0) throw py::value_error("num_splits must be >= 0 (0 = heuristic)");
+        if (pack_gqa < -1 || pack_gqa > 1) throw py::value_error("pack_gqa must be -1 (heuristic), 0 or 1");
+        gqa::forward_overrides() = {num_splits, pack_gqa};
+      },
+      py::arg("num_splits"), py::arg("pack_gqa"), "Testing hook: see gqa_ext._testing.");
 }
