@@ -144,10 +144,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;  // rows of the tile this thread holds
 
   float row_max[kRows], row_sum[kRows];
-  int row_position[kRows];
   CUTE_UNROLL
   for (int i = 0; i < kRows; ++i) {
-    row_position[i] = row_pos(get<0>(tScS_rc(i, 0)));
     row_max[i] = -INFINITY;
     row_sum[i] = 0.f;
   }
@@ -202,8 +200,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     if (needs_mask) {
       CUTE_UNROLL
       for (int i = 0; i < size<0>(s); ++i) {
-        const int lo = key_lo(row_position[i]) - col0;
-        const int hi = key_hi(row_position[i]) - col0;
+        // Recomputed per masked tile (few) rather than held in registers.
+        const int pos = row_pos(get<0>(tScS_rc(i, 0)));
+        const int lo = key_lo(pos) - col0;
+        const int hi = key_hi(pos) - col0;
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j) {
           const int col = get<1>(tScS_rc(i, j));
@@ -249,9 +249,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   }
 
   // Epilogue: normalize rows; lse in natural log. Rows that saw no key get
-  // out 0 and lse -inf. Row positions and heads are recomputed from an
-  // opaque copy of row0 rather than kept from the Q load.
+  // out 0 and lse -inf. Row positions, heads and the batch are recomputed
+  // from opaque copies rather than kept live across the key loop.
   const int row0_late = opaque(row0);
+  const int splits_late = opaque(p.num_splits);
+  const int batch_late = int(blockIdx.z) / splits_late;
+  const int split_late = int(blockIdx.z) - batch_late * splits_late;
   auto out_pos = [&](int r) { return row_pos_at(row0_late, r); };
   auto out_head = [&](int r) { return row_head_at(row0_late, r); };
   Tensor o_rc = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
@@ -271,9 +274,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     for (int i = 0; i < kRows; ++i) {
       const int r = get<0>(tScS_rc(i, 0));
       if (r < rows_valid) {
-        const int64_t idx = (int64_t(batch) * p.heads_q + out_head(r)) * p.seqlen_q + out_pos(r);
+        const int64_t idx = (int64_t(batch_late) * p.heads_q + out_head(r)) * p.seqlen_q + out_pos(r);
         if (split_kv) {
-          p.lse_accum[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + idx] = row_lse[i];
+          p.lse_accum[int64_t(split_late) * p.batch * p.heads_q * p.seqlen_q + idx] = row_lse[i];
         } else {
           p.lse[idx] = row_lse[i];
         }
@@ -289,7 +292,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
       const int r = get<0>(tOcO_rc(i, 0));
       if (r >= rows_valid) continue;
       float* dst = p.out_accum +
-                   ((int64_t(split) * p.batch + batch) * p.heads_q + out_head(r)) * p.seqlen_q * p.head_dim +
+                   ((int64_t(split_late) * p.batch + batch_late) * p.heads_q + out_head(r)) * p.seqlen_q * p.head_dim +
                    int64_t(out_pos(r)) * p.head_dim;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(o_rc); j += 2) {
@@ -306,7 +309,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   auto thr_copy_o = copy_o.get_thread_slice(tid);
   copy(copy_o, thr_copy_o.retile_S(rO), thr_copy_o.partition_D(sO));
   __syncthreads();
-  Element* o_base = static_cast<Element*>(p.out) + batch * p.o_batch_stride + load_chunk * 8;
+  Element* o_base = static_cast<Element*>(p.out) + batch_late * p.o_batch_stride + load_chunk * 8;
 #pragma unroll 1
   for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
     const int r = load_row + i * kRowsPerPass;

@@ -106,12 +106,12 @@ __device__ __forceinline__ void gemm_smem_smem(TC& acc, TA& rA, TB& rB, TsA cons
   for (int k = 0; k < size<2>(rA); ++k) {
     CUTE_UNROLL
     for (int m = 0; m < size<1>(rA); ++m) {
-      if (m < m_active) copy(copy_a, sA(_, m, k), rA_view(_, m, k));
+      if (size<1>(rA) == 1 || m < m_active) copy(copy_a, sA(_, m, k), rA_view(_, m, k));
     }
     copy(copy_b, sB(_, _, k), rB_view(_, _, k));
     CUTE_UNROLL
     for (int m = 0; m < size<1>(rA); ++m) {
-      if (m < m_active) {
+      if (size<1>(rA) == 1 || m < m_active) {
         CUTE_UNROLL
         for (int n = 0; n < size<1>(rB); ++n) cute::gemm(mma, rA(_, m, k), rB(_, n, k), acc(_, m, n));
       }
@@ -132,7 +132,7 @@ __device__ __forceinline__ void gemm_reg_smem(TC& acc, TA const& rA, TB& rB, TsB
     copy(copy_b, sB(_, _, k), rB_view(_, _, k));
     CUTE_UNROLL
     for (int m = 0; m < size<1>(rA); ++m) {
-      if (m < m_active) {
+      if (size<1>(rA) == 1 || m < m_active) {
         CUTE_UNROLL
         for (int n = 0; n < size<1>(rB); ++n) cute::gemm(mma, rA(_, m, k), rB(_, n, k), acc(_, m, n));
       }
