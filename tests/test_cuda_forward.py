@@ -16,7 +16,7 @@ CUDA-only errors (float32 and float64 inputs, D > 256, mixed devices) skip.
 ``GQA_EXT_CUDA_TESTS_DEVICE=cuda`` (or unset) is the normal mode.
 
 The kernel tiles 128 or 64 rows (pairs of a query position and a query head
-of the group, packed or not) by 64 or 128 keys, so the lengths below sit on
+of the group, packed or not) by 16, 64 or 128 keys, so the lengths below sit on
 and around those edges, and the splits of the keys (split-KV) and the packing
 of a group's query heads are forced through ``forced_cuda_forward`` so that
 every path runs on small shapes.
