@@ -49,6 +49,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
                       k_in.sizes());
   }
   TORCH_CHECK_VALUE(heads_q <= 65535, op, ": the CUDA kernels take at most 65535 query heads, got ", heads_q);
+  // Packed rows are (position, head of the group) pairs, indexed in 32 bits.
+  TORCH_CHECK_VALUE(seqlen_q * (heads_q / heads_kv) < (int64_t(1) << 31), op,
+                    ": the CUDA kernels need Sq * (Hq / Hkv) < 2^31, got q ", q_in.sizes(), " and k ", k_in.sizes());
 
   c10::cuda::CUDAGuard guard(q_in.device());
   // Head dims that are not a multiple of 8 run zero-padded: zero columns
