@@ -64,7 +64,7 @@ FwdPlan plan_fwd(const FwdParams& params, int device, int force_splits, int forc
   // K/V tile load among the group, and fills decode tiles; it is skipped
   // only where it cannot help: groups of 1, or when Sq alone already fills
   // the row blocks at least as well.
-  bool pack = force_pack >= 0 ? force_pack == 1 : false;
+  bool pack = force_pack == 1;
   if (force_pack < 0 && group > 1) {
     const int64_t packed_rows = int64_t(params.seqlen_q) * group;
     const double fill_packed = double(packed_rows) / (ceil_div(packed_rows, tile.block_m) * int64_t(tile.block_m));

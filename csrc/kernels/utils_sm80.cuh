@@ -86,6 +86,28 @@ __device__ __forceinline__ auto convert_fragment(cute::Tensor<Engine, Layout> co
   return out;
 }
 
+// Row fragment m of this warp computes; with a single fragment the caller's
+// m_active > 0 check already decided, so no predicate is left in the code.
+template <int kFragments>
+__device__ __forceinline__ bool row_fragment_active(int m, int m_active) {
+  return kFragments == 1 || m < m_active;
+}
+
+// acc += A(:, :, k) @ B(:, :, k)^T for the active row fragments, operands
+// already in registers.
+template <class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void mma_k_slice(TC& acc, TA const& rA, TB const& rB, int k, TiledMma const& mma,
+                                            int m_active) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(rA); ++m) {
+    if (row_fragment_active<decltype(size<1>(rA))::value>(m, m_active)) {
+      CUTE_UNROLL
+      for (int n = 0; n < size<1>(rB); ++n) cute::gemm(mma, rA(_, m, k), rB(_, n, k), acc(_, m, n));
+    }
+  }
+}
+
 // acc += A @ B^T with both operands in shared memory, loaded k-slice by
 // k-slice into registers through ldmatrix. Only the first `m_active` row
 // fragments of this warp compute: row fragments that are all padding (decode
@@ -106,16 +128,12 @@ __device__ __forceinline__ void gemm_smem_smem(TC& acc, TA& rA, TB& rB, TsA cons
   for (int k = 0; k < size<2>(rA); ++k) {
     CUTE_UNROLL
     for (int m = 0; m < size<1>(rA); ++m) {
-      if (size<1>(rA) == 1 || m < m_active) copy(copy_a, sA(_, m, k), rA_view(_, m, k));
-    }
-    copy(copy_b, sB(_, _, k), rB_view(_, _, k));
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(rA); ++m) {
-      if (size<1>(rA) == 1 || m < m_active) {
-        CUTE_UNROLL
-        for (int n = 0; n < size<1>(rB); ++n) cute::gemm(mma, rA(_, m, k), rB(_, n, k), acc(_, m, n));
+      if (row_fragment_active<decltype(size<1>(rA))::value>(m, m_active)) {
+        copy(copy_a, sA(_, m, k), rA_view(_, m, k));
       }
     }
+    copy(copy_b, sB(_, _, k), rB_view(_, _, k));
+    mma_k_slice(acc, rA, rB, k, mma, m_active);
   }
 }
 
@@ -130,13 +148,7 @@ __device__ __forceinline__ void gemm_reg_smem(TC& acc, TA const& rA, TB& rB, TsB
   CUTE_UNROLL
   for (int k = 0; k < size<2>(rA); ++k) {
     copy(copy_b, sB(_, _, k), rB_view(_, _, k));
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(rA); ++m) {
-      if (size<1>(rA) == 1 || m < m_active) {
-        CUTE_UNROLL
-        for (int n = 0; n < size<1>(rB); ++n) cute::gemm(mma, rA(_, m, k), rB(_, n, k), acc(_, m, n));
-      }
-    }
+    mma_k_slice(acc, rA, rB, k, mma, m_active);
   }
 }
 
