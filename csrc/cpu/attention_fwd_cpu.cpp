@@ -7,7 +7,10 @@
 // brgemm through ATen (AMX or AVX512-BF16/FP16) where ATen says it can pack
 // for it, with fp32 accumulation and P rounded to the input type as
 // FlashAttention does; elsewhere they are converted to fp32 for BLAS.
+// Decode-shaped problems (a few rows per KV head) go to
+// attention_fwd_decode_cpu.cpp instead.
 #include "cpu/attention_cpu.h"
+#include "cpu/fwd_decode_cpu.h"
 #include "cpu/tile_ops.h"
 
 #include <ATen/Dispatch.h>
@@ -91,16 +94,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     part_l.resize(n_tasks * n_splits * rows_max);
   }
 
-  // out = acc / l and lse = m + log(l) for the rows of one task.
+  // out and lse for the rows of one task.
   const auto write_rows = [&](int64_t task, const acc_t* acc, const acc_t* row_m, const acc_t* row_l) {
     const int64_t qb = task % n_qblocks, hkv = (task / n_qblocks) % Hkv, b = task / (n_qblocks * Hkv);
     const int64_t m0 = qb * Mq, rows = std::min(Mq, Sq - m0) * G;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = m0 + r / G, h = hkv * G + r % G;
-      const bool any = row_l[r] > 0;
-      copy_scaled(acc + r * D, op + ((b * Sq + i) * Hq + h) * D, D, any ? acc_t(1) / row_l[r] : acc_t(0));
-      lsep[(b * Hq + h) * Sq + i] =
-          any ? static_cast<float>(row_m[r] + std::log(row_l[r])) : -std::numeric_limits<float>::infinity();
+      lsep[(b * Hq + h) * Sq + i] = finish_row(acc + r * D, row_m[r], row_l[r], D, op + ((b * Sq + i) * Hq + h) * D);
     }
   };
 
@@ -225,25 +225,14 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   });
 
   if (n_splits > 1) {
-    // The log-sum-exp merge: rescale each split to the overall row max.
     at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(rows_max * D), row_m(rows_max), row_l(rows_max);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rows = std::min(Mq, Sq - task % n_qblocks * Mq) * G;
         for (int64_t r = 0; r < rows; ++r) {
-          acc_t m = -std::numeric_limits<acc_t>::infinity(), l = 0;
-          for (int64_t sp = 0; sp < n_splits; ++sp) m = std::max(m, part_m[(task * n_splits + sp) * rows_max + r]);
-          fill(acc.data() + r * D, D, acc_t(0));
-          for (int64_t sp = 0; sp < n_splits; ++sp) {
-            const int64_t part = (task * n_splits + sp) * rows_max + r;
-            if (part_l[part] == 0) continue;  // this split saw none of the row's keys
-            const acc_t w = std::exp(part_m[part] - m);
-            l += part_l[part] * w;
-            at::vec::map2([w](auto a, auto x) { return a + x * decltype(x)(w); }, acc.data() + r * D,
-                          acc.data() + r * D, part_acc.data() + part * D, D);
-          }
-          row_m[r] = m;
-          row_l[r] = l;
+          const int64_t part = task * n_splits * rows_max + r;
+          merge_splits(n_splits, part_acc.data() + part * D, rows_max * D, part_m.data() + part, part_l.data() + part,
+                       rows_max, D, acc.data() + r * D, row_m[r], row_l[r]);
         }
         write_rows(task, acc.data(), row_m.data(), row_l.data());
       }
@@ -255,6 +244,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
                    at::Tensor& out, at::Tensor& lse) {
+  if (use_decode_kernel(q, k)) return attention_fwd_decode(q, k, v, p, out, lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_attention_fwd_cpu",
                                   [&] { fwd_impl<scalar_t>(q, k, v, p, out, lse); });
 }

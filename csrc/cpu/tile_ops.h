@@ -173,6 +173,35 @@ inline void scale_inplace(T* x, int64_t n, T s) {
   at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
 }
 
+// The end of one query row's online softmax: out_row = acc / l, and the
+// returned lse = m + log(l). A row that saw no key (l == 0) gets 0 and -inf.
+template <typename scalar_t, typename acc_t>
+inline float finish_row(const acc_t* acc, acc_t m, acc_t l, int64_t D, scalar_t* out_row) {
+  const bool any = l > 0;
+  copy_scaled(acc, out_row, D, any ? acc_t(1) / l : acc_t(0));
+  return any ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
+}
+
+// Merges the softmax states of one query row over n disjoint key splits:
+// part p has unnormalized output part_acc[p * acc_stride : + D], row max
+// part_m[p * ml_stride] and row sum part_l[p * ml_stride]. The splits are
+// rescaled to the overall max in split order, so the result does not depend
+// on which thread ran which split.
+template <typename T>
+inline void merge_splits(int64_t n, const T* part_acc, int64_t acc_stride, const T* part_m, const T* part_l,
+                         int64_t ml_stride, int64_t D, T* acc, T& m, T& l) {
+  m = -std::numeric_limits<T>::infinity();
+  l = 0;
+  for (int64_t p = 0; p < n; ++p) m = std::max(m, part_m[p * ml_stride]);
+  std::fill_n(acc, D, T(0));
+  for (int64_t p = 0; p < n; ++p) {
+    if (part_l[p * ml_stride] == 0) continue;  // this split saw none of the row's keys
+    const T w = std::exp(part_m[p * ml_stride] - m);
+    l += part_l[p * ml_stride] * w;
+    at::vec::map2([w](auto a, auto x) { return a + x * decltype(x)(w); }, acc, acc, part_acc + p * acc_stride, D);
+  }
+}
+
 // A K or V tile of `n` rows as a dense acc_t matrix. Float inputs are used in
 // place through their row stride; others are converted once into `buf`, and
 // that one copy then serves every query head of the group.

@@ -1,0 +1,365 @@
+// CPU forward for decode-shaped problems: one query position per sequence
+// (or a few, for speculative decoding), so each KV head serves only Sq * G
+// query rows. There is too little arithmetic per key for tile GEMMs to pay
+// for their packing; the job is to read K and V once, at memory bandwidth.
+//
+// One task owns (batch element, contiguous range of keys) for every KV head.
+// It streams its keys in order, in chunks: in the usual (B, S, H, D) layout
+// the Hkv rows of one key are adjacent, so the task reads one sequential
+// stream. Each K and V row is loaded once and used by a block of query rows
+// of its group held in registers (dot products for the scores, broadcast
+// FMAs for P V). A sequence's key range is split across tasks when there are
+// fewer sequences than threads, and the splits are merged in split order.
+#include "cpu/fwd_decode_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <vector>
+
+#include "cpu/tile_ops.h"
+
+namespace gqa::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVS = Vec::size();
+// Query rows sharing each K/V load; their accumulators fill most registers.
+constexpr int kRowBlock = 4;
+// Keys per chunk: the P V pass re-reads the chunk's V rows once per column
+// block, and 32 rows of V stay in L1 for that.
+constexpr int64_t kChunk = 8;
+// The fewest keys worth a split of its own: below this the merge costs more
+// than the parallelism gains.
+constexpr int64_t kMinSplitKeys = 256;
+// Rows per KV head (Sq * G) up to which this kernel beats the tile GEMMs.
+constexpr int64_t kMaxRows = 16;
+
+// K and V rows to prefetch while attending to others: the next (KV head,
+// chunk) the task will read. That is one head-chunk of work ahead, long
+// enough to cover memory latency and short enough to stay in L2. The hardware
+// prefetchers would not do it: consecutive keys of one head are a whole
+// (Hkv, D) row apart, usually a page or more.
+// Into L2 (prefetcht1): a chunk in L1 would evict the query rows and the
+// accumulators in use. Inline assembly because GCC 12 deletes loops whose
+// only statements are __builtin_prefetch calls.
+inline void prefetch_l2(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+template <typename T>
+struct PrefetchRows {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t kss = 0, vss = 0, n = 0, row_bytes = 0;
+
+  // Row j of K (during the scores) or of V (during P V), so that the
+  // requests are spread over the work rather than issued in bursts.
+  void k_row(int64_t j) const { row(k + j * kss, j); }
+  void v_row(int64_t j) const { row(v + j * vss, j); }
+
+ private:
+  void row(const T* p, int64_t j) const {
+    if (j >= n) return;
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t off = 0; off < row_bytes; off += 64) prefetch_l2(c + off);
+  }
+};
+
+template <typename T>
+inline Vec load_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// q_r . k_j for NR query rows (fp32, D apart) and NK keys (kss apart), into
+// s[r * kChunk + j]. Each accumulator is a chain of dependent FMAs; NR x NK
+// of them keep both FMA pipes busy through the FMA latency.
+template <int NR, int NK, typename T>
+inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* s) {
+  const int64_t Dv = D - D % kVS;
+  Vec a[NR][NK];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NK; ++c) a[r][c] = Vec(0.f);
+  for (int64_t d = 0; d < Dv; d += kVS) {
+    Vec kv[NK];
+    for (int c = 0; c < NK; ++c) kv[c] = load_f32(k + c * kss + d);
+    for (int r = 0; r < NR; ++r) {
+      const Vec qv = Vec::loadu(q + r * D + d);
+      for (int c = 0; c < NK; ++c) a[r][c] = at::vec::fmadd(qv, kv[c], a[r][c]);
+    }
+  }
+  // The NR x NK horizontal sums. Spilled once to a plain array: reducing the
+  // accumulators in place takes their address, and GCC then writes them to
+  // the stack on every iteration of the loop above.
+  alignas(64) float t[NR][NK];
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (NR == 4 && NK == 2) {
+    // All eight sums in one vector, (r0 k0, r0 k1, r1 k0, ..., r3 k1): a
+    // tree of horizontal adds, then the two 128-bit halves added.
+    const __m256 h0 = _mm256_hadd_ps(a[0][0], a[0][1]), h1 = _mm256_hadd_ps(a[1][0], a[1][1]);
+    const __m256 h2 = _mm256_hadd_ps(a[2][0], a[2][1]), h3 = _mm256_hadd_ps(a[3][0], a[3][1]);
+    const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);
+    _mm256_store_ps(&t[0][0], _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20),
+                                            _mm256_permute2f128_ps(h01, h23, 0x31)));
+  } else
+#endif
+  {
+    alignas(64) float lanes[NR][NK][kVS];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < NK; ++c) a[r][c].store(lanes[r][c]);
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < NK; ++c) {
+        t[r][c] = 0.f;
+        for (int64_t l = 0; l < kVS; ++l) t[r][c] += lanes[r][c][l];
+      }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NK; ++c) s[r * kChunk + c] = t[r][c];
+  if (Dv < D) {  // head dims off the vector width
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < NK; ++c)
+        for (int64_t d = Dv; d < D; ++d) s[r * kChunk + c] += q[r * D + d] * static_cast<float>(k[c * kss + d]);
+  }
+}
+
+// Also prefetches pf's K rows, one per key.
+template <int NR, typename T>
+void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk, float* s,
+                  const PrefetchRows<T>& pf) {
+  int64_t j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    pf.k_row(j);
+    pf.k_row(j + 1);
+    dot_keys<NR, 2>(q, D, k + j * kss, kss, s + j);
+  }
+  if (j < nk) {
+    pf.k_row(j++);
+    dot_keys<NR, 1>(q, D, k + (nk - 1) * kss, kss, s + nk - 1);
+  }
+  for (; j < pf.n; ++j) pf.k_row(j);
+}
+
+// acc_r[0:D] += sum_j p[r * kChunk + j] * v_j for NR rows (acc rows D apart)
+// and nk value rows (vss apart); also prefetches pf's V rows. Columns go in blocks of two vectors so that
+// the NR x 2 accumulators stay in registers across the keys.
+template <int NR, typename T>
+void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, int64_t D,
+              const PrefetchRows<T>& pf) {
+  int64_t d = 0;
+  for (; d + 2 * kVS <= D; d += 2 * kVS) {
+    Vec a0[NR], a1[NR];
+    for (int r = 0; r < NR; ++r) {
+      a0[r] = Vec::loadu(acc + r * D + d);
+      a1[r] = Vec::loadu(acc + r * D + d + kVS);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      if (d == 0) pf.v_row(j);
+      const Vec v0 = load_f32(v + j * vss + d), v1 = load_f32(v + j * vss + d + kVS);
+      for (int r = 0; r < NR; ++r) {
+        const Vec pr(p[r * kChunk + j]);
+        a0[r] = at::vec::fmadd(pr, v0, a0[r]);
+        a1[r] = at::vec::fmadd(pr, v1, a1[r]);
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      a0[r].store(acc + r * D + d);
+      a1[r].store(acc + r * D + d + kVS);
+    }
+  }
+  for (; d + kVS <= D; d += kVS) {
+    Vec a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = Vec::loadu(acc + r * D + d);
+    for (int64_t j = 0; j < nk; ++j) {
+      const Vec v0 = load_f32(v + j * vss + d);
+      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec(p[r * kChunk + j]), v0, a[r]);
+    }
+    for (int r = 0; r < NR; ++r) a[r].store(acc + r * D + d);
+  }
+  for (; d < D; ++d)
+    for (int r = 0; r < NR; ++r) {
+      float x = acc[r * D + d];
+      for (int64_t j = 0; j < nk; ++j) x += p[r * kChunk + j] * static_cast<float>(v[j * vss + d]);
+      acc[r * D + d] = x;
+    }
+  for (int64_t j = D < 2 * kVS ? 0 : nk; j < pf.n; ++j) pf.v_row(j);
+}
+
+// One block of nr <= kRowBlock query rows against keys [c0, c0 + nk): scores,
+// the online-softmax update of the rows' max m and sum l, then P V into acc.
+template <int NR, typename T>
+void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk, int64_t D,
+                  float scale, float cap, float* s, float* acc, float* m, float* l, const PrefetchRows<T>& pf) {
+  scores_block<NR>(q, D, k, kss, nk, s, pf);
+  for (int r = 0; r < NR; ++r) {
+    float* sr = s + r * kChunk;
+    const float m_new = std::max(m[r], transform_scores<float>(sr, nullptr, nk, scale, cap));
+    const float l_new = exp_shift_sum(sr, nk, m_new);
+    if (m[r] != m_new) {
+      const float alpha = std::exp(m[r] - m_new);  // 0 on the row's first keys
+      l[r] *= alpha;
+      scale_inplace(acc + r * D, D, alpha);
+      m[r] = m_new;
+    }
+    l[r] += l_new;
+  }
+  pv_block<NR>(s, v, vss, nk, acc, D, pf);
+}
+
+template <typename T>
+void attend_rows(int64_t nr, const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk,
+                 int64_t D, float scale, float cap, float* s, float* acc, float* m, float* l,
+                 const PrefetchRows<T>& pf) {
+  static_assert(kRowBlock == 4);
+  switch (nr) {
+    case 1: return attend_block<1>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    case 2: return attend_block<2>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    case 3: return attend_block<3>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    default: return attend_block<4>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+  }
+}
+
+template <typename scalar_t>
+void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p, at::Tensor& out,
+                 at::Tensor& lse) {
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Sk = k.size(1), Hkv = k.size(2), G = Hq / Hkv;
+  const int64_t qsb = q.stride(0), qss = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), kss = k.stride(1), ksh = k.stride(2);
+  const int64_t vsb = v.stride(0), vss = v.stride(1), vsh = v.stride(2);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lsep = lse.data_ptr<float>();
+  const float scale = static_cast<float>(p.softmax_scale), cap = static_cast<float>(p.softcap);
+
+  // A task's rows: (KV head, query position, head of the group), so that each
+  // position's G rows are adjacent and share one key range.
+  const int64_t n_rows = Hkv * Sq * G;
+  std::vector<KeyRange> ranges(Sq);
+  for (int64_t i = 0; i < Sq; ++i) ranges[i] = visible_keys(i, Sq, Sk, p);
+  // Windows only move forward with the position: the union is one range.
+  const int64_t k_lo = ranges[0].lo, n_keys = std::max<int64_t>(0, ranges[Sq - 1].hi - k_lo + 1);
+
+  // Enough tasks to keep every thread busy (4 per thread, for balance), but
+  // no split shorter than kMinSplitKeys.
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t want = B >= 4 * n_threads ? 1 : (4 * n_threads + B - 1) / B;
+  const int64_t n_splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, n_keys / kMinSplitKeys));
+  std::vector<float> part_acc, part_m, part_l;  // (batch, split, row[, D])
+  if (n_splits > 1) {
+    part_acc.resize(B * n_splits * n_rows * D);
+    part_m.resize(B * n_splits * n_rows);
+    part_l.resize(B * n_splits * n_rows);
+  }
+
+  const auto write_rows = [&](int64_t b, const float* acc, const float* m, const float* l) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t g = r % G, i = r / G % Sq, h = r / (G * Sq) * G + g;
+      lsep[(b * Hq + h) * Sq + i] = finish_row(acc + r * D, m[r], l[r], D, op + ((b * Sq + i) * Hq + h) * D);
+    }
+  };
+
+  at::parallel_for(0, B * n_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_buf(n_rows * D), acc(n_rows * D), m(n_rows), l(n_rows), s(kRowBlock * kChunk);
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t b = work / n_splits, split = work % n_splits;
+      const int64_t j_begin = k_lo + split * n_keys / n_splits, j_end = k_lo + (split + 1) * n_keys / n_splits;
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const int64_t g = r % G, i = r / G % Sq, h = r / (G * Sq) * G + g;
+        at::vec::convert(qp + b * qsb + i * qss + h * qsh, q_buf.data() + r * D, D);
+      }
+      fill(m.data(), n_rows, -std::numeric_limits<float>::infinity());
+      fill(l.data(), n_rows, 0.f);
+      fill(acc.data(), n_rows * D, 0.f);
+
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
+        const int64_t j1 = std::min(j0 + kChunk, j_end);
+        for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
+          const scalar_t* kh = kp + b * ksb + hkv * ksh;
+          const scalar_t* vh = vp + b * vsb + hkv * vsh;
+          // The next head of this chunk, or the first head of the next chunk.
+          const bool last_head = hkv + 1 == Hkv;
+          const int64_t pf_hkv = last_head ? 0 : hkv + 1, pf_j0 = last_head ? j1 : j0;
+          PrefetchRows<scalar_t> pf{kp + b * ksb + pf_hkv * ksh + pf_j0 * kss,
+                                    vp + b * vsb + pf_hkv * vsh + pf_j0 * vss,
+                                    kss,
+                                    vss,
+                                    std::min(kChunk, j_end - pf_j0),
+                                    D * static_cast<int64_t>(sizeof(scalar_t))};
+          for (int64_t i = 0; i < Sq; ++i) {
+            const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
+            if (c0 > c1) continue;  // none of these keys is visible to position i
+            for (int64_t g0 = 0; g0 < G; g0 += kRowBlock) {
+              const int64_t r0 = (hkv * Sq + i) * G + g0;
+              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D, kh + c0 * kss, kss,
+                          vh + c0 * vss, vss, c1 - c0 + 1, D, scale, cap, s.data(), acc.data() + r0 * D,
+                          m.data() + r0, l.data() + r0, pf);
+              pf.n = 0;  // issued once per head-chunk
+            }
+          }
+        }
+      }
+
+      if (n_splits == 1) {
+        write_rows(b, acc.data(), m.data(), l.data());
+      } else {
+        std::copy_n(acc.data(), n_rows * D, part_acc.data() + work * n_rows * D);
+        std::copy_n(m.data(), n_rows, part_m.data() + work * n_rows);
+        std::copy_n(l.data(), n_rows, part_l.data() + work * n_rows);
+      }
+    }
+  });
+
+  if (n_splits > 1) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(n_rows * D), m(n_rows), l(n_rows);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const int64_t part = b * n_splits * n_rows + r;
+          merge_splits(n_splits, part_acc.data() + part * D, n_rows * D, part_m.data() + part,
+                       part_l.data() + part, n_rows, D, acc.data() + r * D, m[r], l[r]);
+        }
+        write_rows(b, acc.data(), m.data(), l.data());
+      }
+    });
+  }
+}
+
+}  // namespace
+
+bool use_decode_kernel(const at::Tensor& q, const at::Tensor& k) {
+  const auto dt = q.scalar_type();
+  const bool fp32_math = dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
+  return fp32_math && q.size(1) * (q.size(2) / k.size(2)) <= kMaxRows;
+}
+
+void attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
+                          at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_attention_fwd_decode_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "gqa: the decode kernel takes no float64");  // use_decode_kernel says so
+    } else {
+      decode_impl<scalar_t>(q, k, v, p, out, lse);
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace gqa::cpu
