@@ -1,8 +1,10 @@
 """gqa_ext: grouped query attention for PyTorch.
 
-Importing it registers ``torch.ops.gqa.forward`` and ``torch.ops.gqa.backward``
-with their fake kernels (torch.compile) and autograd, and exposes the Python
-API :func:`attention`.
+Importing it registers the ``torch.ops.gqa.*`` ops (forward, backward, their
+variable-length forms, forward_kvcache and merge_states) with their fake
+kernels (torch.compile) and autograd, and exposes the Python API:
+:func:`attention`, :func:`attention_varlen`, :func:`attention_kvcache` and
+:func:`merge_states`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _load_native():
 _C, __version__ = _load_native()
 
 from gqa_ext import _ops  # noqa: E402, F401  (registers fake kernels and autograd)
-from gqa_ext.api import attention  # noqa: E402
+from gqa_ext.api import attention, attention_kvcache, attention_varlen, merge_states  # noqa: E402
 from gqa_ext.reference import attention_ref  # noqa: E402
 
 
@@ -44,4 +46,12 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["attention", "attention_ref", "build_info", "__version__"]
+__all__ = [
+    "attention",
+    "attention_kvcache",
+    "attention_varlen",
+    "attention_ref",
+    "build_info",
+    "merge_states",
+    "__version__",
+]

@@ -113,6 +113,10 @@ TIMED_SECONDS = {"cpu": 20.0, "cuda": 10.0}
 MIN_ROUNDS = 3
 
 OURS = "ours"
+# Decode from a paged cache (PAGE_BLOCK_SIZE rows per block, blocks shuffled),
+# beside ours from a contiguous one; not a baseline.
+OURS_PAGED = "ours_paged"
+PAGE_BLOCK_SIZE = 16
 SDPA = "sdpa"
 SDPA_BACKENDS = {
     "sdpa_flash": "FLASH_ATTENTION",
@@ -121,10 +125,15 @@ SDPA_BACKENDS = {
 }
 SDPA_REPEAT = "sdpa_repeat"
 FLEX = "flex"
-IMPLS = {"cpu": [OURS, SDPA, SDPA_REPEAT], "cuda": [OURS, *SDPA_BACKENDS, SDPA_REPEAT, FLEX]}
+IMPLS = {
+    "cpu": [OURS, OURS_PAGED, SDPA, SDPA_REPEAT],
+    "cuda": [OURS, OURS_PAGED, *SDPA_BACKENDS, SDPA_REPEAT, FLEX],
+}
+OURS_IMPLS = (OURS, OURS_PAGED)
 # Column titles of the table.
 SHORT = {
     OURS: "ours",
+    OURS_PAGED: "paged",
     SDPA: "sdpa",
     "sdpa_flash": "flash",
     "sdpa_efficient": "effic",
@@ -423,14 +432,7 @@ class Unsupported(Exception):
 
 def _ours(q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callable[[], Tensor]:
     if case.mode == DECODE:
-        # A KV-cache op (appending to the cache in place) is coming; until
-        # then decode is the plain forward with Sq = 1.
-        def run() -> Tensor:
-            return torch.ops.gqa.forward(
-                q, k, v, case.scale, case.causal, case.window_left, case.window_right, case.softcap
-            )[0]
-
-        return run
+        return _ours_decode(q, k, v, case, paged=False)
 
     def run() -> Tensor:
         return gqa_ext.attention(
@@ -440,6 +442,50 @@ def _ours(q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callable[[], Tensor]:
             causal=case.causal,
             softmax_scale=case.scale,
             window=(case.window_left, -1),  # causal sets the right edge
+            softcap=case.softcap,
+        )
+
+    return run
+
+
+def _ours_decode(q: Tensor, k: Tensor, v: Tensor, case: Case, paged: bool) -> Callable[[], Tensor]:
+    """A decode step as a server runs it: append the newest token's K/V to the cache, then attend.
+
+    The cache holds L - 1 tokens plus room for the new one, which is k's last
+    row: each call writes the same values to the same place, so the calls stay
+    identical and the result is attention over k and v.
+    """
+    batch, seqlen = k.shape[:2]
+    k_new, v_new = k[:, -1:].clone(), v[:, -1:].clone()
+    cache_seqlens = torch.full((batch,), seqlen - 1, dtype=torch.int32, device=k.device)
+    block_table = None
+    k_cache, v_cache = k, v
+    if paged:
+        # Blocks in a shuffled order, as a server's allocator leaves them.
+        per_seq = -(-seqlen // PAGE_BLOCK_SIZE)
+        block_table = torch.randperm(batch * per_seq, device=k.device).view(batch, per_seq).to(torch.int32)
+
+        def to_pages(t: Tensor) -> Tensor:
+            padded = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, per_seq * PAGE_BLOCK_SIZE - seqlen))
+            blocks = padded.reshape(batch * per_seq, PAGE_BLOCK_SIZE, *t.shape[2:])
+            pages = torch.empty_like(blocks)
+            pages[block_table.flatten().long()] = blocks
+            return pages
+
+        k_cache, v_cache = to_pages(k), to_pages(v)
+
+    def run() -> Tensor:
+        return gqa_ext.attention_kvcache(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            cache_seqlens=cache_seqlens,
+            block_table=block_table,
+            causal=case.causal,
+            softmax_scale=case.scale,
+            window=(case.window_left, case.window_right),
             softcap=case.softcap,
         )
 
@@ -537,6 +583,10 @@ def make_impl(name: str, q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callabl
     """
     if name == OURS:
         return _ours(q, k, v, case)
+    if name == OURS_PAGED:
+        if case.mode != DECODE:
+            raise Unsupported("paged caches are for decoding")
+        return _ours_decode(q, k, v, case, paged=True)
     if name == SDPA:
         return _sdpa(q, k, v, case, backend=None, repeat=False)
     if name in SDPA_BACKENDS:
@@ -760,8 +810,8 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
         except Exception as e:
             if not _cuda_alive(device):
                 raise DeviceLost(f"{name}: {_one_line(e)}") from e
-            rec[name] = {"status": ERROR if name == OURS else UNSUPPORTED, "message": _one_line(e)}
-            if name == OURS and opts.verbose:
+            rec[name] = {"status": ERROR if name in OURS_IMPLS else UNSUPPORTED, "message": _one_line(e)}
+            if name in OURS_IMPLS and opts.verbose:
                 traceback.print_exc()
             continue
         errors, why = check_result(got, refs, case)
@@ -798,7 +848,7 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
     def drop(name: str, e: Exception, when: str) -> None:
         if not _cuda_alive(device):
             raise DeviceLost(f"{name} ({when}): {_one_line(e)}") from e
-        status = ERROR if name == OURS or when == "timed" else UNSUPPORTED
+        status = ERROR if name in OURS_IMPLS or when == "timed" else UNSUPPORTED
         rec[name].update(status=status, message=f"{when}: {_one_line(e)}")
         del steps[name]
 
@@ -862,7 +912,7 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
         st["kv_gbps"] = case.kv_bytes / sec / 1e9
         st["pct_ceiling"] = 100 * floor_s / sec
 
-    others = {n: st["median_ms"] for n, st in rec.items() if n != OURS and "median_ms" in st}
+    others = {n: st["median_ms"] for n, st in rec.items() if n not in OURS_IMPLS and "median_ms" in st}
     best = min(others, key=others.__getitem__) if others else None
     ours_ms = rec[OURS].get("median_ms")
     return {
@@ -1004,7 +1054,7 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str] | None:
             pts = [(r["length"], r["impls"][name]["median_ms"]) for r in group if "median_ms" in r["impls"][name]]
             if pts:
                 ax_t.plot(*zip(*pts, strict=True), marker="o", label=name)
-            if name == OURS:
+            if name in OURS_IMPLS:
                 continue
             pts = [
                 (r["length"], r["impls"][name]["median_ms"] / r["impls"][OURS]["median_ms"])
@@ -1369,6 +1419,7 @@ def _run_cases(cases: list[Case], opts: Options, args: argparse.Namespace, meta:
         took = f"{case.name} ({row['seconds']:.1f} s)"
         if "impls" in row:
             failed |= row["impls"][OURS]["status"] != OK
+            failed |= row["impls"].get(OURS_PAGED, {}).get("status") in (ERROR, WRONG)
             cells = ", ".join(f"{n} {_cell(st)}" for n, st in row["impls"].items())
             details = [f"{n}: {st['status']}: {st['message']}" for n, st in row["impls"].items() if st.get("message")]
             progress.done(n_done, f"{took}: {cells}", details)

@@ -10,7 +10,6 @@
 // Decode-shaped problems (a few rows per KV head) go to
 // attention_fwd_decode_cpu.cpp instead.
 #include "cpu/attention_cpu.h"
-#include "cpu/fwd_decode_cpu.h"
 #include "cpu/tile_ops.h"
 
 #include <ATen/Dispatch.h>
@@ -245,7 +244,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
                    at::Tensor& out, at::Tensor& lse) {
-  if (use_decode_kernel(q, k)) return attention_fwd_decode(q, k, v, p, out, lse);
+  if (decode_kernel_serves(q.scalar_type(), q.size(1) * (q.size(2) / k.size(2)))) {
+    return CPU_CAPABILITY::attention_fwd_decode(q, k, v, p, SeqLayout{}, q.size(1), out, lse);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_attention_fwd_cpu",
                                   [&] { fwd_impl<scalar_t>(q, k, v, p, out, lse); });
 }

@@ -10,7 +10,7 @@
 // of its group held in registers (dot products for the scores, broadcast
 // FMAs for P V). A sequence's key range is split across tasks when there are
 // fewer sequences than threads, and the splits are merged in split order.
-#include "cpu/fwd_decode_cpu.h"
+#include "cpu/attention_cpu.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,11 +40,6 @@ constexpr int64_t kChunk = 8;
 // The fewest keys worth a split of its own: below this the merge costs more
 // than the parallelism gains.
 constexpr int64_t kMinSplitKeys = 256;
-// Rows per KV head (Sq * G) up to which this kernel runs. At 16 rows it beat
-// the tile GEMMs on caches read from memory (8 KV heads, 4096 keys: 6.1 vs
-// 6.7 ms fp32, 5.9 vs 7.7 ms bf16); on a cache that fits in L3 the GEMMs
-// already win from about 12 rows.
-constexpr int64_t kMaxRows = 16;
 
 // Into L2 (prefetcht1): a chunk in L1 would evict the query rows and the
 // accumulators in use. Inline assembly because GCC 12 deletes loops whose
@@ -239,11 +234,40 @@ void attend_rows(int64_t nr, const float* q, const T* k, int64_t kss, const T* v
   }
 }
 
+// One sequence's K or V rows (of KV head 0): dense, row_stride apart, or in
+// pages of block_size rows.
+template <typename T>
+struct SeqRows {
+  const T* base;
+  int64_t row_stride;
+  const int32_t* blocks = nullptr;  // the sequence's row of the block table
+  int64_t block_stride = 0, block_size = 0;
+
+  const T* row(int64_t j) const {
+    if (blocks == nullptr) return base + j * row_stride;
+    return base + blocks[j / block_size] * block_stride + j % block_size * row_stride;
+  }
+  // The end of the run of rows from j on that lie row_stride apart.
+  int64_t run_end(int64_t j) const {
+    return blocks == nullptr ? std::numeric_limits<int64_t>::max() : (j / block_size + 1) * block_size;
+  }
+};
+
+// Sequence b's place in the tensors, from a SeqLayout.
+struct SeqInfo {
+  int64_t seqlen_q, seqlen_k;
+  int64_t q_row0;  // its first row in q's and out's row dim (dense: b * Sq)
+  int64_t k_lo, n_keys;  // the keys any of its positions sees
+};
+
 template <typename scalar_t>
-void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p, at::Tensor& out,
-                 at::Tensor& lse) {
-  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Sk = k.size(1), Hkv = k.size(2), G = Hq / Hkv;
+void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
+                 const SeqLayout& seqs, int64_t max_seqlen_q, at::Tensor& out, at::Tensor& lse) {
+  const bool packed_q = seqs.cu_seqlens_q != nullptr;
+  const int64_t B = packed_q ? seqs.batch : q.size(0);
+  const int64_t Sq = max_seqlen_q, Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(2), G = Hq / Hkv;
+  const int64_t Tq = q.size(1);  // packed: rows of all sequences
   const int64_t qsb = q.stride(0), qss = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = k.stride(0), kss = k.stride(1), ksh = k.stride(2);
   const int64_t vsb = v.stride(0), vss = v.stride(1), vsh = v.stride(2);
@@ -254,92 +278,136 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   float* lsep = lse.data_ptr<float>();
   const float scale = static_cast<float>(p.softmax_scale), cap = static_cast<float>(p.softcap);
 
+  std::vector<SeqInfo> info(B);
+  int64_t max_keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    SeqInfo& s = info[b];
+    s.seqlen_q = packed_q ? seqs.cu_seqlens_q[b + 1] - seqs.cu_seqlens_q[b] : Sq;
+    s.q_row0 = packed_q ? seqs.cu_seqlens_q[b] : b * Sq;
+    s.seqlen_k = seqs.seqused_k       ? seqs.seqused_k[b] + seqs.seqused_k_add
+                 : seqs.cu_seqlens_k ? seqs.cu_seqlens_k[b + 1] - seqs.cu_seqlens_k[b]
+                                      : k.size(1);
+    // Windows only move forward with the position: the union is one range.
+    s.k_lo = 0, s.n_keys = 0;
+    if (s.seqlen_q > 0) {
+      const KeyRange first = visible_keys(0, s.seqlen_q, s.seqlen_k, p);
+      const KeyRange last = visible_keys(s.seqlen_q - 1, s.seqlen_q, s.seqlen_k, p);
+      s.k_lo = first.lo, s.n_keys = std::max<int64_t>(0, last.hi - first.lo + 1);
+    }
+    max_keys = std::max(max_keys, s.n_keys);
+  }
+  const auto k_rows = [&](int64_t b) {
+    if (seqs.block_table) {
+      return SeqRows<scalar_t>{kp, kss, seqs.block_table + b * seqs.block_table_stride, ksb, seqs.block_size};
+    }
+    return SeqRows<scalar_t>{kp + (seqs.cu_seqlens_k ? seqs.cu_seqlens_k[b] * kss : b * ksb), kss};
+  };
+  const auto v_rows = [&](int64_t b) {
+    if (seqs.block_table) {
+      return SeqRows<scalar_t>{vp, vss, seqs.block_table + b * seqs.block_table_stride, vsb, seqs.block_size};
+    }
+    return SeqRows<scalar_t>{vp + (seqs.cu_seqlens_k ? seqs.cu_seqlens_k[b] * vss : b * vsb), vss};
+  };
+
   // A task's rows: (KV head, query position, head of the group), so that each
   // position's G rows are adjacent and share one key range.
-  const int64_t n_rows = Hkv * Sq * G;
-  std::vector<KeyRange> ranges(Sq);
-  for (int64_t i = 0; i < Sq; ++i) ranges[i] = visible_keys(i, Sq, Sk, p);
-  // Windows only move forward with the position: the union is one range.
-  const int64_t k_lo = ranges[0].lo, n_keys = std::max<int64_t>(0, ranges[Sq - 1].hi - k_lo + 1);
+  const int64_t max_rows = Hkv * Sq * G;
 
   // Enough tasks to keep every thread busy (4 per thread, for balance), but
-  // no split shorter than kMinSplitKeys.
+  // no split shorter than kMinSplitKeys; or what the caller asked for.
   const int64_t n_threads = at::get_num_threads();
   const int64_t want = B >= 4 * n_threads ? 1 : (4 * n_threads + B - 1) / B;
-  const int64_t n_splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, n_keys / kMinSplitKeys));
+  const int64_t n_splits = seqs.num_splits > 0
+                               ? std::min<int64_t>(seqs.num_splits, std::max<int64_t>(1, max_keys))
+                               : std::clamp<int64_t>(want, 1, std::max<int64_t>(1, max_keys / kMinSplitKeys));
   std::vector<float> part_acc, part_m, part_l;  // (batch, split, row[, D])
   if (n_splits > 1) {
-    part_acc.resize(B * n_splits * n_rows * D);
-    part_m.resize(B * n_splits * n_rows);
-    part_l.resize(B * n_splits * n_rows);
+    part_acc.resize(B * n_splits * max_rows * D);
+    part_m.resize(B * n_splits * max_rows);
+    part_l.resize(B * n_splits * max_rows);
   }
 
   const auto write_rows = [&](int64_t b, const float* acc, const float* m, const float* l) {
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const int64_t g = r % G, i = r / G % Sq, h = r / (G * Sq) * G + g;
-      lsep[(b * Hq + h) * Sq + i] = finish_row(acc + r * D, m[r], l[r], D, op + ((b * Sq + i) * Hq + h) * D);
+    const SeqInfo& s = info[b];
+    for (int64_t r = 0; r < Hkv * s.seqlen_q * G; ++r) {
+      const int64_t g = r % G, i = r / G % s.seqlen_q, h = r / (G * s.seqlen_q) * G + g;
+      const int64_t lse_idx = packed_q ? h * Tq + s.q_row0 + i : (b * Hq + h) * Sq + i;
+      lsep[lse_idx] = finish_row(acc + r * D, m[r], l[r], D, op + ((s.q_row0 + i) * Hq + h) * D);
     }
   };
 
   at::parallel_for(0, B * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_buf(n_rows * D), acc(n_rows * D), m(n_rows), l(n_rows), s(kRowBlock * kChunk);
+    std::vector<float> q_buf(max_rows * D), acc(max_rows * D), m(max_rows), l(max_rows), s(kRowBlock * kChunk);
+    std::vector<KeyRange> ranges(Sq);
     for (int64_t work = begin; work < end; ++work) {
       const int64_t b = work / n_splits, split = work % n_splits;
-      const int64_t j_begin = k_lo + split * n_keys / n_splits, j_end = k_lo + (split + 1) * n_keys / n_splits;
+      const SeqInfo& si = info[b];
+      const int64_t sq = si.seqlen_q, n_rows = Hkv * sq * G;
+      if (sq == 0) continue;
+      const int64_t j_begin = si.k_lo + split * si.n_keys / n_splits;
+      const int64_t j_end = si.k_lo + (split + 1) * si.n_keys / n_splits;
+      const scalar_t* qb = qp + (packed_q ? si.q_row0 * qss : b * qsb);
       for (int64_t r = 0; r < n_rows; ++r) {
-        const int64_t g = r % G, i = r / G % Sq, h = r / (G * Sq) * G + g;
-        at::vec::convert(qp + b * qsb + i * qss + h * qsh, q_buf.data() + r * D, D);
+        const int64_t g = r % G, i = r / G % sq, h = r / (G * sq) * G + g;
+        at::vec::convert(qb + i * qss + h * qsh, q_buf.data() + r * D, D);
       }
+      for (int64_t i = 0; i < sq; ++i) ranges[i] = visible_keys(i, sq, si.seqlen_k, p);
       fill(m.data(), n_rows, -std::numeric_limits<float>::infinity());
       fill(l.data(), n_rows, 0.f);
       fill(acc.data(), n_rows * D, 0.f);
 
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += kChunk) {
-        const int64_t j1 = std::min(j0 + kChunk, j_end);
+      const SeqRows<scalar_t> kr = k_rows(b), vr = v_rows(b);
+      // Chunks of kChunk keys, cut at page ends: the rows of a chunk lie
+      // kss apart.
+      const auto chunk_end = [&](int64_t j0) { return std::min({j0 + kChunk, j_end, kr.run_end(j0)}); };
+      for (int64_t j0 = j_begin, j1 = j_begin < j_end ? chunk_end(j_begin) : j_end; j0 < j_end;) {
+        const int64_t j2 = j1 < j_end ? chunk_end(j1) : j1;  // the next chunk is [j1, j2)
+        const scalar_t* kc = kr.row(j0);
+        const scalar_t* vc = vr.row(j0);
         for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
-          const scalar_t* kh = kp + b * ksb + hkv * ksh;
-          const scalar_t* vh = vp + b * vsb + hkv * vsh;
+          const scalar_t* kh = kc + hkv * ksh;
+          const scalar_t* vh = vc + hkv * vsh;
           // The next head of this chunk, or the first head of the next chunk.
           const bool last_head = hkv + 1 == Hkv;
-          const int64_t pf_hkv = last_head ? 0 : hkv + 1, pf_j0 = last_head ? j1 : j0;
-          PrefetchRows<scalar_t> pf{kp + b * ksb + pf_hkv * ksh + pf_j0 * kss,
-                                    vp + b * vsb + pf_hkv * vsh + pf_j0 * vss,
-                                    kss,
-                                    vss,
-                                    std::min(kChunk, j_end - pf_j0),
-                                    D * static_cast<int64_t>(sizeof(scalar_t))};
-          for (int64_t i = 0; i < Sq; ++i) {
+          PrefetchRows<scalar_t> pf;
+          if (!last_head) {
+            pf = {kh + ksh, vh + vsh, kss, vss, j1 - j0, D * static_cast<int64_t>(sizeof(scalar_t))};
+          } else if (j2 > j1) {
+            pf = {kr.row(j1), vr.row(j1), kss, vss, j2 - j1, D * static_cast<int64_t>(sizeof(scalar_t))};
+          }
+          for (int64_t i = 0; i < sq; ++i) {
             const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
             if (c0 > c1) continue;  // none of these keys is visible to position i
             for (int64_t g0 = 0; g0 < G; g0 += kRowBlock) {
-              const int64_t r0 = (hkv * Sq + i) * G + g0;
-              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D, kh + c0 * kss, kss,
-                          vh + c0 * vss, vss, c1 - c0 + 1, D, scale, cap, s.data(), acc.data() + r0 * D,
+              const int64_t r0 = (hkv * sq + i) * G + g0;
+              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D, kh + (c0 - j0) * kss, kss,
+                          vh + (c0 - j0) * vss, vss, c1 - c0 + 1, D, scale, cap, s.data(), acc.data() + r0 * D,
                           m.data() + r0, l.data() + r0, pf);
               pf.n = 0;  // issued once per head-chunk
             }
           }
         }
+        j0 = j1, j1 = j2;
       }
 
       if (n_splits == 1) {
         write_rows(b, acc.data(), m.data(), l.data());
       } else {
-        std::copy_n(acc.data(), n_rows * D, part_acc.data() + work * n_rows * D);
-        std::copy_n(m.data(), n_rows, part_m.data() + work * n_rows);
-        std::copy_n(l.data(), n_rows, part_l.data() + work * n_rows);
+        std::copy_n(acc.data(), n_rows * D, part_acc.data() + work * max_rows * D);
+        std::copy_n(m.data(), n_rows, part_m.data() + work * max_rows);
+        std::copy_n(l.data(), n_rows, part_l.data() + work * max_rows);
       }
     }
   });
 
   if (n_splits > 1) {
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(n_rows * D), m(n_rows), l(n_rows);
+      std::vector<float> acc(max_rows * D), m(max_rows), l(max_rows);
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t r = 0; r < n_rows; ++r) {
-          const int64_t part = b * n_splits * n_rows + r;
-          merge_splits(n_splits, part_acc.data() + part * D, n_rows * D, part_m.data() + part,
-                       part_l.data() + part, n_rows, D, acc.data() + r * D, m[r], l[r]);
+        for (int64_t r = 0; r < Hkv * info[b].seqlen_q * G; ++r) {
+          const int64_t part = b * n_splits * max_rows + r;
+          merge_splits(n_splits, part_acc.data() + part * D, max_rows * D, part_m.data() + part,
+                       part_l.data() + part, max_rows, D, acc.data() + r * D, m[r], l[r]);
         }
         write_rows(b, acc.data(), m.data(), l.data());
       }
@@ -349,19 +417,13 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 }  // namespace
 
-bool use_decode_kernel(const at::Tensor& q, const at::Tensor& k) {
-  const auto dt = q.scalar_type();
-  const bool fp32_math = dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf;
-  return fp32_math && q.size(1) * (q.size(2) / k.size(2)) <= kMaxRows;
-}
-
 void attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
-                          at::Tensor& out, at::Tensor& lse) {
+                          const SeqLayout& seqs, int64_t max_seqlen_q, at::Tensor& out, at::Tensor& lse) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_attention_fwd_decode_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "gqa: the decode kernel takes no float64");  // use_decode_kernel says so
+      TORCH_CHECK(false, "gqa: the decode kernel takes no float64");  // decode_kernel_serves says so
     } else {
-      decode_impl<scalar_t>(q, k, v, p, out, lse);
+      decode_impl<scalar_t>(q, k, v, p, seqs, max_seqlen_q, out, lse);
     }
   });
 }

@@ -47,4 +47,21 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   }
 }
 
+void attention_fwd_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnParams& p,
+                          const SeqLayout& seqs, int64_t max_seqlen_q, at::Tensor& out, at::Tensor& lse) {
+  switch (capability()) {
+    case Isa::AVX512: return AVX512::attention_fwd_decode(q, k, v, p, seqs, max_seqlen_q, out, lse);
+    case Isa::AVX2: return AVX2::attention_fwd_decode(q, k, v, p, seqs, max_seqlen_q, out, lse);
+    default: return DEFAULT::attention_fwd_decode(q, k, v, p, seqs, max_seqlen_q, out, lse);
+  }
+}
+
+void merge_states(const at::Tensor& outs, const at::Tensor& lses, at::Tensor& out, at::Tensor& lse) {
+  switch (capability()) {
+    case Isa::AVX512: return AVX512::merge_states(outs, lses, out, lse);
+    case Isa::AVX2: return AVX2::merge_states(outs, lses, out, lse);
+    default: return DEFAULT::merge_states(outs, lses, out, lse);
+  }
+}
+
 }  // namespace gqa::cpu
