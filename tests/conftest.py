@@ -179,3 +179,41 @@ def num_threads():
     saved = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(saved)
+
+
+# Index values (cu_seqlens, cache_seqlens, block tables) are checked on CUDA
+# tensors too, not only on CPU ones, so that the error tests run on both. The
+# ops read this once, at the first call that could check them.
+os.environ["GQA_EXT_CHECK_INDICES"] = "1"
+
+
+def cuda_kernels_available() -> bool:
+    """A GPU is there and gqa_ext was built with its CUDA kernels."""
+    return torch.cuda.is_available() and bool(gqa_ext.build_info()["cuda_kernels"])
+
+
+# The devices of the device-parametrized tests: "cpu", and "cuda" where
+# cuda_kernels_available().
+DEVICES = ["cpu"] + (["cuda"] if cuda_kernels_available() else [])
+
+# The CUDA attention kernels take these dtypes only.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def skip_unsupported(device: str, dtype: torch.dtype) -> None:
+    """Skips the test for a dtype the device's attention kernels do not take."""
+    if device == "cuda" and dtype not in CUDA_DTYPES:
+        pytest.skip(f"the CUDA kernels take float16 and bfloat16, not {dtype}")
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on CUDA: the dtype of tests about something else than dtypes."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def api_kwargs(options: dict) -> dict:
+    """The op's keyword options (window_left, window_right) as the Python API's (window=(left, right))."""
+    kwargs = {name: value for name, value in options.items() if name not in ("window_left", "window_right")}
+    if "window_left" in options or "window_right" in options:
+        kwargs["window"] = (options.get("window_left", -1), options.get("window_right", -1))
+    return kwargs

@@ -21,6 +21,9 @@ auto dispatch_sm80(const FwdParams& params, Fn&& fn) {
     throw std::invalid_argument("gqa_ext: the CUDA forward takes head dims that are multiples of 8 up to " +
                                 std::to_string(kMaxHeadDim) + ", got " + std::to_string(params.head_dim));
   }
+  if (params.dtype != DType::kFloat16 && params.dtype != DType::kBFloat16) {
+    throw std::invalid_argument("gqa_ext: the CUDA forward takes float16 and bfloat16 only");
+  }
   if (params.dtype == DType::kFloat16) {
     if (d == 64) return fn.template operator()<cutlass::half_t, 64>();
     if (d == 128) return fn.template operator()<cutlass::half_t, 128>();
@@ -51,6 +54,23 @@ int num_splits_heuristic(int64_t tasks, int slots, int n_blocks, int max_splits)
     if (efficiency(s) >= 0.85 * best) return s;
   }
   return 1;
+}
+
+// j / d as umulhi(j, mul) >> shift for 0 <= j < 2^31 (the round-up
+// reciprocal of CUTLASS's FastDivmod): shift = ceil(log2 d) - 1 and
+// mul = ceil(2^(32 + shift) / d), which fits 32 bits; d = 1 gets mul = 0.
+void set_page_divisor(FwdParams& p) {
+  const uint32_t d = static_cast<uint32_t>(p.page_block_size);
+  if (d == 1) {
+    p.page_div_mul = 0;
+    p.page_div_shift = 0;
+    return;
+  }
+  int log2_ceil = 0;
+  while ((uint64_t(1) << log2_ceil) < d) ++log2_ceil;
+  const int shift = log2_ceil - 1;
+  p.page_div_mul = static_cast<uint32_t>(((uint64_t(1) << (32 + shift)) + d - 1) / d);
+  p.page_div_shift = shift;
 }
 
 }  // namespace
@@ -86,13 +106,21 @@ FwdPlan plan_fwd(const FwdParams& params, int device, int force_splits, int forc
     });
     splits = num_splits_heuristic(tasks, num_sms * ctas, n_blocks, fwd_combine_max_splits());
   }
-  const int64_t row_count = int64_t(params.batch) * params.heads_q * params.seqlen_q;
+  const int64_t row_count = fwd_combine_rows(params);
   return FwdPlan{splits, pack, splits > 1 ? splits * row_count * params.head_dim : 0,
                  splits > 1 ? splits * row_count : 0};
 }
 
-void run_fwd(const FwdParams& params, cudaStream_t stream) {
-  if (params.batch == 0 || params.seqlen_q == 0 || params.heads_q == 0) return;
+void run_fwd(const FwdParams& params_in, cudaStream_t stream) {
+  if (params_in.batch == 0 || params_in.seqlen_q == 0 || params_in.heads_q == 0) return;
+  FwdParams params = params_in;
+  if (params.block_table != nullptr) {
+    if (params.page_block_size <= 0) {
+      throw std::invalid_argument("gqa_ext: paged K/V needs page_block_size > 0, got " +
+                                  std::to_string(params.page_block_size));
+    }
+    set_page_divisor(params);
+  }
   dispatch_sm80(params, [&]<class Element, int kHeadDim>() { FwdSm80<Element, kHeadDim>::run(params, stream); });
   if (params.num_splits > 1) run_fwd_combine(params, stream);
 }

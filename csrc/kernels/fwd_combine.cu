@@ -24,15 +24,21 @@ __device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
   reinterpret_cast<__nv_bfloat162*>(dst)[1] = __floats2bfloat162_rn(v.z, v.w);
 }
 
-// One warp per query row (batch, head, position); lanes hold the splits'
-// weights, then 4 columns each per pass over the head dim.
+// Query rows, numbered as lse numbers them: (b * Hq + h) * Sq + pos, or
+// h * Tq + t for packed sequences.
+__host__ __device__ inline int64_t combine_rows(const FwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? int64_t(p.heads_q) * p.total_q : int64_t(p.batch) * p.heads_q * p.seqlen_q;
+}
+
+// One warp per query row; lanes hold the splits' weights, then 4 columns
+// each per pass over the head dim.
 template <typename Element>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(const __grid_constant__ FwdParams p) {
   const int lane = threadIdx.x % 32;
-  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t rows = combine_rows(p);
   const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
-  const int64_t split_stride = rows;  // lse_accum is (splits, B, Hq, Sq); row = (b * Hq + h) * Sq + pos
+  const int64_t split_stride = rows;  // lse_accum is (splits, rows)
 
   float lse_part[kMaxSplits / 32];
   float mx = -INFINITY;
@@ -56,12 +62,16 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(co
   for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
 
-  const int64_t pos = row % p.seqlen_q;
-  const int64_t bh = row / p.seqlen_q;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   if (lane == 0) p.lse[row] = sum > 0.f ? logf(sum) + shift : -INFINITY;
 
-  Element* out = static_cast<Element*>(p.out) + b * p.o_batch_stride + pos * p.o_row_stride + h * p.o_head_stride;
+  Element* out = static_cast<Element*>(p.out);
+  if (p.cu_seqlens_q != nullptr) {
+    const int64_t h = row / p.total_q, t = row % p.total_q;
+    out += t * p.o_row_stride + h * p.o_head_stride;
+  } else {
+    const int64_t pos = row % p.seqlen_q, bh = row / p.seqlen_q;
+    out += bh / p.heads_q * p.o_batch_stride + pos * p.o_row_stride + bh % p.heads_q * p.o_head_stride;
+  }
   // Loop bounds are warp-uniform so that every lane takes part in the
   // shuffles that hand out the weights.
   for (int col0 = 0; col0 < p.head_dim; col0 += 128) {
@@ -90,8 +100,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(co
 
 int fwd_combine_max_splits() { return kMaxSplits; }
 
+int64_t fwd_combine_rows(const FwdParams& params) { return combine_rows(params); }
+
 void run_fwd_combine(const FwdParams& params, cudaStream_t stream) {
-  const int64_t rows = int64_t(params.batch) * params.heads_q * params.seqlen_q;
+  const int64_t rows = combine_rows(params);
+  if (rows == 0) return;
   const dim3 grid(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
   if (params.dtype == DType::kFloat16) {
     gqa_fwd_combine_kernel<__half><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(params);

@@ -11,6 +11,12 @@
 //
 // Pipelining (two buffers, K and V): the load of V(n) overlaps S = Q K(n)^T,
 // and the load of K(n-1) overlaps the softmax and O += P V(n).
+//
+// Sequences of their own lengths (packed, or a KV cache's lengths on the
+// device) and paged K/V share the one kernel: the grid is sized for the
+// longest sequence, each block reads its sequence's lengths first, and
+// blocks with no rows of it exit. Key rows are addressed per row, so a
+// page boundary may fall anywhere inside a K/V tile.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -45,11 +51,28 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   const int batch = blockIdx.z / p.num_splits;
   const int split = blockIdx.z % p.num_splits;
 
+  // This block's sequence: its lengths, and its first query and key rows
+  // where sequences are packed.
+  const bool varlen_q = p.cu_seqlens_q != nullptr;
+  const bool paged = p.block_table != nullptr;
+  int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+  int q_start = 0, k_start = 0;
+  if (varlen_q) {
+    q_start = p.cu_seqlens_q[batch];
+    seqlen_q = p.cu_seqlens_q[batch + 1] - q_start;
+  }
+  if (p.cu_seqlens_k != nullptr) {
+    k_start = p.cu_seqlens_k[batch];
+    seqlen_k = p.cu_seqlens_k[batch + 1] - k_start;
+  }
+  if (p.seqused_k != nullptr) seqlen_k = p.seqused_k[batch] + p.seqused_k_add;
+
   const int group = p.heads_q / p.heads_kv;
   const int rows_per_pos = p.pack_gqa ? group : 1;
   const int kv_head = p.pack_gqa ? head : head / group;
-  const int rows_total = p.seqlen_q * rows_per_pos;
+  const int rows_total = seqlen_q * rows_per_pos;
   const int row0 = m_block * kBlockM;
+  if (row0 >= rows_total) return;  // past a shorter sequence's rows: nothing to write
   const int rows_valid = min(kBlockM, rows_total - row0);
   // Query position and head of row r of a block whose first row is `first`.
   auto row_pos_at = [&](int first, int r) { return (first + r) / rows_per_pos; };
@@ -60,14 +83,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   auto row_head = [&](int r) { return row_head_at(row0, r); };
 
   // Keys visible to position i: [key_lo(i), key_hi(i)], aligned bottom-right.
-  const int diag = p.seqlen_k - p.seqlen_q;
+  const int diag = seqlen_k - seqlen_q;
   auto key_lo = [&](int i) { return p.window_left >= 0 ? i + diag - p.window_left : 0; };
   auto key_hi = [&](int i) {
-    return p.window_right >= 0 ? min(p.seqlen_k - 1, i + diag + p.window_right) : p.seqlen_k - 1;
+    return p.window_right >= 0 ? min(seqlen_k - 1, i + diag + p.window_right) : seqlen_k - 1;
   };
   const int pos_first = row_pos(0);
   const int pos_last = row_pos(rows_valid - 1);
-  const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+  // Splits divide this sequence's key blocks, so that short sequences are
+  // split as evenly as long ones; a split left with none writes an empty
+  // partial (lse -inf), which the combine weighs 0.
+  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;
   int n_begin = max(key_lo(pos_first), 0) / kBlockN;
   int n_end = key_hi(pos_last) < 0 ? 0 : min(n_blocks, key_hi(pos_last) / kBlockN + 1);
   if (p.num_splits > 1) {
@@ -88,11 +114,18 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   const int load_chunk = tid % kChunksPerRow;
   const int load_row = tid / kChunksPerRow;
   const bool chunk_valid = load_chunk * 8 < p.head_dim;
-  const Element* q_base = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
-  const Element* k_base =
-      static_cast<const Element*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride + load_chunk * 8;
-  const Element* v_base =
-      static_cast<const Element*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride + load_chunk * 8;
+  const Element* q_base = static_cast<const Element*>(p.q) +
+                          (varlen_q ? int64_t(q_start) * p.q_row_stride : int64_t(batch) * p.q_batch_stride);
+  // Paged: the bases are those of block 0, and each row adds its block's.
+  const Element* k_base = static_cast<const Element*>(p.k) + kv_head * p.k_head_stride + load_chunk * 8;
+  const Element* v_base = static_cast<const Element*>(p.v) + kv_head * p.v_head_stride + load_chunk * 8;
+  if (p.cu_seqlens_k != nullptr) {
+    k_base += int64_t(k_start) * p.k_row_stride;
+    v_base += int64_t(k_start) * p.v_row_stride;
+  } else if (!paged) {
+    k_base += int64_t(batch) * p.k_batch_stride;
+    v_base += int64_t(batch) * p.v_batch_stride;
+  }
 
   auto load_q = [&]() {
 #pragma unroll 1
@@ -109,13 +142,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   // registers that the accumulators need.
   const int k_row_stride = static_cast<int>(p.k_row_stride);
   const int v_row_stride = static_cast<int>(p.v_row_stride);
-  auto load_kv = [&](const Element* base, int row_stride, auto& s_tile, int n) {
+  const int* page_row = p.block_table + batch * p.block_table_batch_stride;
+  auto load_kv = [&](const Element* base, int row_stride, int64_t page_stride, auto& s_tile, int n) {
     CUTE_UNROLL
     for (int i = 0; i < kBlockN / kRowsPerPass; ++i) {
       const int r = load_row + i * kRowsPerPass;
       const int key = n * kBlockN + r;
-      const bool valid = key < p.seqlen_k && chunk_valid;
-      cp_async_16(&s_tile(r, load_chunk * 8), valid ? base + key * row_stride : base, valid);
+      const bool valid = key < seqlen_k && chunk_valid;
+      const Element* src = base;
+      if (valid) {
+        if (paged) {
+          const int page = p.page_div_mul != 0 ? int(__umulhi(uint32_t(key), p.page_div_mul) >> p.page_div_shift) : key;
+          src += int64_t(__ldg(page_row + page)) * page_stride + (key - page * p.page_block_size) * row_stride;
+        } else {
+          src += key * row_stride;
+        }
+      }
+      cp_async_16(&s_tile(r, load_chunk * 8), src, valid);
     }
   };
 
@@ -171,7 +214,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   clear(acc_o);
   if (n_begin < n_end) {
     load_q();
-    load_kv(k_base, k_row_stride, sK, n_end - 1);
+    load_kv(k_base, k_row_stride, p.k_batch_stride, sK, n_end - 1);
     cute::cp_async_fence();
   }
 
@@ -180,7 +223,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     clear(acc_s);
     cute::cp_async_wait<0>();
     __syncthreads();  // K(n) (and Q) landed; every thread is done with V(n+1)
-    load_kv(v_base, v_row_stride, sV, n);
+    load_kv(v_base, v_row_stride, p.v_batch_stride, sV, n);
     cute::cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, copy_q, copy_k, thr_copy_q, thr_copy_k, m_active);
@@ -215,7 +258,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     cute::cp_async_wait<0>();
     __syncthreads();  // V(n) landed; every thread is done with K(n)
     if (n > n_begin) {
-      load_kv(k_base, k_row_stride, sK, n - 1);
+      load_kv(k_base, k_row_stride, p.k_batch_stride, sK, n - 1);
       cute::cp_async_fence();
     }
 
@@ -268,15 +311,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     for (int j = 0; j < size<1>(o_rc); ++j) o_rc(i, j) *= inv;
   }
 
+  // Row r's index in lse and in the partials: (b * Hq + h) * Sq + pos, or
+  // h * Tq + (the sequence's first row) + pos for packed sequences.
+  const int q_start_late = varlen_q ? p.cu_seqlens_q[batch_late] : 0;
+  const int64_t lse_seq = varlen_q ? int64_t(q_start_late) : int64_t(batch_late) * p.heads_q * p.seqlen_q;
+  const int64_t lse_head_stride = varlen_q ? p.total_q : p.seqlen_q;
+  auto lse_index = [&](int r) { return lse_seq + out_head(r) * lse_head_stride + out_pos(r); };
+  const int64_t partial_rows = varlen_q ? int64_t(p.heads_q) * p.total_q : int64_t(p.batch) * p.heads_q * p.seqlen_q;
+
   const bool split_kv = p.num_splits > 1;
   if (tid % 4 == 0) {  // one thread of each quad holds the row's statistics
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const int r = get<0>(tScS_rc(i, 0));
       if (r < rows_valid) {
-        const int64_t idx = (int64_t(batch_late) * p.heads_q + out_head(r)) * p.seqlen_q + out_pos(r);
+        const int64_t idx = lse_index(r);
         if (split_kv) {
-          p.lse_accum[int64_t(split_late) * p.batch * p.heads_q * p.seqlen_q + idx] = row_lse[i];
+          p.lse_accum[split_late * partial_rows + idx] = row_lse[i];
         } else {
           p.lse[idx] = row_lse[i];
         }
@@ -291,9 +342,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
     for (int i = 0; i < size<0>(o_rc); ++i) {
       const int r = get<0>(tOcO_rc(i, 0));
       if (r >= rows_valid) continue;
-      float* dst = p.out_accum +
-                   ((int64_t(split_late) * p.batch + batch_late) * p.heads_q + out_head(r)) * p.seqlen_q * p.head_dim +
-                   int64_t(out_pos(r)) * p.head_dim;
+      float* dst = p.out_accum + (split_late * partial_rows + lse_index(r)) * p.head_dim;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(o_rc); j += 2) {
         const int col = get<1>(tOcO_rc(i, j));
@@ -309,7 +358,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_fwd_sm80_kernel(const _
   auto thr_copy_o = copy_o.get_thread_slice(tid);
   copy(copy_o, thr_copy_o.retile_S(rO), thr_copy_o.partition_D(sO));
   __syncthreads();
-  Element* o_base = static_cast<Element*>(p.out) + batch_late * p.o_batch_stride + load_chunk * 8;
+  Element* o_base = static_cast<Element*>(p.out) + load_chunk * 8 +
+                    (varlen_q ? int64_t(q_start_late) * p.o_row_stride : int64_t(batch_late) * p.o_batch_stride);
 #pragma unroll 1
   for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
     const int r = load_row + i * kRowsPerPass;

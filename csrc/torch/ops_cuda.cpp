@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include "kernels/fwd_params.h"
+#include "kernels/kv_cache_append.h"
+#include "kernels/merge_states.h"
 #include "torch/checks.h"
 #include "torch/fwd_overrides.h"
 
@@ -16,11 +18,11 @@ namespace {
 namespace kn = gqa::kernels;
 
 // The kernels copy 16-byte chunks of rows: base pointers and the strides of
-// the batch, sequence and head dims must be multiples of 16 bytes.
+// every dim but the last must be multiples of 16 bytes.
 bool rows_16b_aligned(const at::Tensor& t) {
   const int64_t elems = 16 / t.element_size();
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d) {
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     if (t.size(d) > 1 && t.stride(d) % elems != 0) return false;
   }
   return true;
@@ -30,77 +32,92 @@ bool rows_16b_aligned(const at::Tensor& t) {
 // storage offset would not be.
 at::Tensor aligned(const at::Tensor& t) { return rows_16b_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                                std::optional<double> softmax_scale, bool causal,
-                                                int64_t window_left, int64_t window_right, double softcap) {
-  const char* op = "gqa.forward";
-  const AttnParams ap =
-      check_forward_args(op, q_in, k_in, v_in, softmax_scale, causal, window_left, window_right, softcap);
-  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16, op,
-                   ": the CUDA kernels take float16 and bfloat16, got ", q_in.scalar_type(),
+// Head dims that are not a multiple of 8 run zero-padded: zero columns
+// change no score, and the output's extra columns are dropped.
+int64_t padded_head_dim(int64_t head_dim) { return (head_dim + 7) / 8 * 8; }
+
+at::Tensor prepare(const at::Tensor& t, int64_t padded_dim) {
+  const int64_t head_dim = t.size(-1);
+  return aligned(padded_dim == head_dim ? t : at::constant_pad_nd(t, {0, padded_dim - head_dim}));
+}
+
+void check_cuda_dtype_and_head_dim(const char* op, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                   ": the CUDA kernels take float16 and bfloat16, got ", q.scalar_type(),
                    "; cast q, k and v (e.g. .to(torch.bfloat16)) or run on the CPU");
-  const int64_t head_dim = q_in.size(3);
+  const int64_t head_dim = q.size(-1);
   TORCH_CHECK_NOT_IMPLEMENTED(head_dim <= kn::kMaxHeadDim, op, ": the CUDA kernels take head dims up to ",
                               kn::kMaxHeadDim, ", got ", head_dim);
-  const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), heads_q = q_in.size(2);
-  const int64_t seqlen_k = k_in.size(1), heads_kv = k_in.size(2);
-  for (int64_t n : {batch, seqlen_q, seqlen_k, heads_q}) {
-    TORCH_CHECK_VALUE(n < (int64_t(1) << 31), op, ": sizes must be below 2^31, got q ", q_in.sizes(), " and k ",
-                      k_in.sizes());
-  }
-  TORCH_CHECK_VALUE(heads_q <= 65535, op, ": the CUDA kernels take at most 65535 query heads, got ", heads_q);
-  // Packed rows are (position, head of the group) pairs, indexed in 32 bits.
-  TORCH_CHECK_VALUE(seqlen_q * (heads_q / heads_kv) < (int64_t(1) << 31), op,
-                    ": the CUDA kernels need Sq * (Hq / Hkv) < 2^31, got q ", q_in.sizes(), " and k ", k_in.sizes());
+}
 
-  c10::cuda::CUDAGuard guard(q_in.device());
-  // Head dims that are not a multiple of 8 run zero-padded: zero columns
-  // change no score, and the output's extra columns are dropped.
-  const int64_t padded_dim = (head_dim + 7) / 8 * 8;
-  auto prepare = [&](const at::Tensor& t) {
-    return aligned(padded_dim == head_dim ? t : at::constant_pad_nd(t, {0, padded_dim - head_dim}));
-  };
-  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
-
-  at::Tensor out = new_output({batch, seqlen_q, heads_q, padded_dim}, q_in.options());
-  at::Tensor lse = new_output({batch, heads_q, seqlen_q}, q_in.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-
+// The options and dtype every forward shares. Windows are clamped to the
+// longest key and query ranges, past which they change nothing, so that
+// they fit an int.
+// The tensors' pointers and strides, for (B, S, H, D) tensors or packed
+// (T, H, D) ones (whose batch strides stay 0).
+kn::FwdParams tensor_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& lse) {
   kn::FwdParams p{};
+  const int64_t r = q.dim() - 3;  // the row dim
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
   p.out = out.data_ptr();
-  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
-  p.batch = static_cast<int>(batch);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_k = static_cast<int>(seqlen_k);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
+  p.q_row_stride = q.stride(r), p.q_head_stride = q.stride(r + 1);
+  p.k_row_stride = k.stride(r), p.k_head_stride = k.stride(r + 1);
+  p.v_row_stride = v.stride(r), p.v_head_stride = v.stride(r + 1);
+  p.o_row_stride = out.stride(r), p.o_head_stride = out.stride(r + 1);
+  if (r == 1) {
+    p.q_batch_stride = q.stride(0), p.k_batch_stride = k.stride(0);
+    p.v_batch_stride = v.stride(0), p.o_batch_stride = out.stride(0);
+  }
+  return p;
+}
+
+void set_options(kn::FwdParams& p, const AttnParams& ap, const at::Tensor& q, int64_t padded_dim, int64_t max_seqlen_q,
+                 int64_t max_seqlen_k) {
   p.head_dim = static_cast<int>(padded_dim);
   p.dtype = q.scalar_type() == at::kHalf ? kn::DType::kFloat16 : kn::DType::kBFloat16;
   p.softmax_scale = static_cast<float>(ap.softmax_scale);
   p.softcap = static_cast<float>(ap.softcap);
-  p.window_left = static_cast<int>(std::min<int64_t>(ap.window_left, seqlen_k + seqlen_q));
-  p.window_right = static_cast<int>(std::min<int64_t>(ap.window_right, seqlen_k + seqlen_q));
+  p.window_left = static_cast<int>(std::min<int64_t>(ap.window_left, max_seqlen_k + max_seqlen_q));
+  p.window_right = static_cast<int>(std::min<int64_t>(ap.window_right, max_seqlen_k + max_seqlen_q));
+}
 
-  // The kernels index K/V rows within one (batch, head) in 32 bits.
-  for (const at::Tensor* t : {&k, &v}) {
-    TORCH_CHECK_NOT_IMPLEMENTED(t->size(1) * t->stride(1) < (int64_t(1) << 31), op,
-                                ": the CUDA kernels need sequence length * row stride < 2^31 elements, got a tensor "
-                                "of shape ", t->sizes(), " and strides ", t->strides());
+// Tile rows, grid dims and packed rows are indexed in 32 bits.
+void check_grid_sizes(const char* op, int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t heads_q,
+                      int64_t heads_kv) {
+  for (int64_t n : {batch, max_seqlen_q, max_seqlen_k, heads_q}) {
+    TORCH_CHECK_VALUE(n < (int64_t(1) << 31), op, ": sizes must be below 2^31, got batch ", batch,
+                      ", query length ", max_seqlen_q, ", key length ", max_seqlen_k, " and ", heads_q,
+                      " query heads");
   }
+  TORCH_CHECK_VALUE(heads_q <= 65535, op, ": the CUDA kernels take at most 65535 query heads, got ", heads_q);
+  // Packed rows are (position, head of the group) pairs, indexed in 32 bits.
+  TORCH_CHECK_VALUE(max_seqlen_q * (heads_q / heads_kv) < (int64_t(1) << 31), op,
+                    ": the CUDA kernels need Sq * (Hq / Hkv) < 2^31, got Sq = ", max_seqlen_q, ", Hq = ", heads_q,
+                    " and Hkv = ", heads_kv);
+}
 
+// The kernels index K/V rows within one sequence (or one cache block) and
+// head in 32 bits: `rows` rows of t from any starting row.
+void check_row_offsets(const char* op, const at::Tensor& t, int64_t rows, int64_t row_dim) {
+  TORCH_CHECK_NOT_IMPLEMENTED(rows * t.stride(row_dim) < (int64_t(1) << 31), op,
+                              ": the CUDA kernels need sequence length * row stride < 2^31 elements, got ", rows,
+                              " rows of a tensor of shape ", t.sizes(), " and strides ", t.strides());
+}
+
+// Plans the launch (key splits, query-group packing), allocates the split-KV
+// workspace and runs. force_splits: 0 lets the heuristic choose.
+void plan_and_run(const char* op, kn::FwdParams& p, const at::Tensor& q, int force_splits) {
   const ForwardOverrides& force = forward_overrides();
-  const kn::FwdPlan plan = kn::plan_fwd(p, q.get_device(), force.num_splits, force.pack_gqa);
+  const kn::FwdPlan plan = kn::plan_fwd(p, q.get_device(), force_splits, force.pack_gqa);
   p.num_splits = plan.num_splits;
   p.pack_gqa = plan.pack_gqa;
-  TORCH_CHECK_VALUE(batch * plan.num_splits <= 65535, op, ": the CUDA kernels take batch * splits <= 65535, got batch ",
-                    batch, " with ", plan.num_splits, " splits");
+  TORCH_CHECK_VALUE(int64_t(p.batch) * plan.num_splits <= 65535, op,
+                    ": the CUDA kernels take batch * splits <= 65535, got batch ", p.batch, " with ",
+                    plan.num_splits, " splits");
   at::Tensor out_accum, lse_accum;
   if (plan.num_splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
@@ -114,6 +131,39 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   } catch (const std::exception& e) {
     TORCH_CHECK(false, op, ": ", e.what());
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                std::optional<double> softmax_scale, bool causal,
+                                                int64_t window_left, int64_t window_right, double softcap) {
+  const char* op = "gqa.forward";
+  const AttnParams ap =
+      check_forward_args(op, q_in, k_in, v_in, softmax_scale, causal, window_left, window_right, softcap);
+  check_cuda_dtype_and_head_dim(op, q_in);
+  const int64_t head_dim = q_in.size(3);
+  const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), heads_q = q_in.size(2);
+  const int64_t seqlen_k = k_in.size(1), heads_kv = k_in.size(2);
+  check_grid_sizes(op, batch, seqlen_q, seqlen_k, heads_q, heads_kv);
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t padded_dim = padded_head_dim(head_dim);
+  const at::Tensor q = prepare(q_in, padded_dim), k = prepare(k_in, padded_dim), v = prepare(v_in, padded_dim);
+
+  at::Tensor out = new_output({batch, seqlen_q, heads_q, padded_dim}, q_in.options());
+  at::Tensor lse = new_output({batch, heads_q, seqlen_q}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  kn::FwdParams p = tensor_params(q, k, v, out, lse);
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  set_options(p, ap, q, padded_dim, seqlen_q, seqlen_k);
+  check_row_offsets(op, k, seqlen_k, 1);
+  check_row_offsets(op, v, seqlen_k, 1);
+
+  plan_and_run(op, p, q, forward_overrides().num_splits);
   if (padded_dim != head_dim) out = out.narrow(3, 0, head_dim).contiguous();
   return {out, lse};
 }
@@ -129,10 +179,191 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                               "run the backward on CPU tensors for now");
 }
 
+// Packed sequences: the dense forward's kernel, with each block finding its
+// sequence's rows and lengths from cu_seqlens on the device. The grid is
+// sized by max_seqlen_q and max_seqlen_k.
+std::tuple<at::Tensor, at::Tensor> forward_varlen_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+                                                       const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                       int64_t max_seqlen_k, std::optional<double> softmax_scale,
+                                                       bool causal, int64_t window_left, int64_t window_right,
+                                                       double softcap) {
+  const char* op = "gqa.forward_varlen";
+  const AttnParams ap = check_varlen_args(op, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap);
+  check_cuda_dtype_and_head_dim(op, q_in);
+  const int64_t head_dim = q_in.size(2);
+  const int64_t total_q = q_in.size(0), heads_q = q_in.size(1), heads_kv = k_in.size(1);
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  check_grid_sizes(op, batch, max_seqlen_q, max_seqlen_k, heads_q, heads_kv);
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t padded_dim = padded_head_dim(head_dim);
+  const at::Tensor q = prepare(q_in, padded_dim), k = prepare(k_in, padded_dim), v = prepare(v_in, padded_dim);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+
+  at::Tensor out = new_output({total_q, heads_q, padded_dim}, q_in.options());
+  at::Tensor lse = new_output({heads_q, total_q}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0 || batch == 0) return {out, lse};
+
+  kn::FwdParams p = tensor_params(q, k, v, out, lse);
+  p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
+  p.total_q = static_cast<int>(total_q);
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = static_cast<int>(max_seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  set_options(p, ap, q, padded_dim, max_seqlen_q, max_seqlen_k);
+  check_row_offsets(op, k, max_seqlen_k, 0);
+  check_row_offsets(op, v, max_seqlen_k, 0);
+
+  plan_and_run(op, p, q, forward_overrides().num_splits);
+  if (padded_dim != head_dim) out = out.narrow(2, 0, head_dim).contiguous();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, bool /*deterministic*/) {
+  check_varlen_backward_args("gqa.backward_varlen", dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap);
+  TORCH_CHECK_NOT_IMPLEMENTED(false,
+                              "gqa.backward_varlen: the CUDA backward kernel of gqa_ext is not built yet; "
+                              "run the backward on CPU tensors for now");
+}
+
+// Decoding from a KV cache: new keys are appended in place first, then the
+// dense forward's kernel attends, reading each sequence's length from
+// cache_seqlens and, for a paged cache, each key row's block from
+// block_table. The grid is sized by the capacity, since the lengths are
+// only known on the device.
+std::tuple<at::Tensor, at::Tensor> forward_kvcache_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+    const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    int64_t num_splits) {
+  const char* op = "gqa.forward_kvcache";
+  const KvcacheArgs a = check_kvcache_args(op, q_in, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                                           softmax_scale, causal, window_left, window_right, softcap, num_splits);
+  check_cuda_dtype_and_head_dim(op, q_in);
+  const int64_t head_dim = q_in.size(3);
+  const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), heads_q = q_in.size(2);
+  const int64_t heads_kv = k_cache.size(2);
+  check_grid_sizes(op, batch, seqlen_q, a.capacity, heads_q, heads_kv);
+  // Rows are indexed in 32 bits within one block of a paged cache (blocks
+  // themselves in 64), within one sequence of a contiguous one. Checked
+  // before the caches are written, and again below on any copy of them.
+  check_row_offsets(op, k_cache, a.block_size, 1);
+  check_row_offsets(op, v_cache, a.block_size, 1);
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor lens = cache_seqlens.has_value() ? cache_seqlens->contiguous() : at::Tensor();
+  if (k_new.has_value() && batch * seqlen_q > 0) {
+    // Into the caller's caches, before any copy below is taken.
+    kn::KvCacheAppendParams ap{};
+    ap.k_new = k_new->data_ptr();
+    ap.v_new = v_new->data_ptr();
+    ap.kn_batch_stride = k_new->stride(0), ap.kn_row_stride = k_new->stride(1), ap.kn_head_stride = k_new->stride(2);
+    ap.vn_batch_stride = v_new->stride(0), ap.vn_row_stride = v_new->stride(1), ap.vn_head_stride = v_new->stride(2);
+    ap.k_cache = k_cache.data_ptr();
+    ap.v_cache = v_cache.data_ptr();
+    ap.kc_batch_stride = k_cache.stride(0), ap.kc_row_stride = k_cache.stride(1);
+    ap.kc_head_stride = k_cache.stride(2);
+    ap.vc_batch_stride = v_cache.stride(0), ap.vc_row_stride = v_cache.stride(1);
+    ap.vc_head_stride = v_cache.stride(2);
+    if (a.paged) {
+      ap.block_table = block_table->const_data_ptr<int32_t>();
+      ap.block_table_batch_stride = block_table->stride(0);
+      ap.page_block_size = static_cast<int>(a.block_size);
+    }
+    ap.cache_seqlens = lens.const_data_ptr<int32_t>();
+    ap.batch = static_cast<int>(batch);
+    ap.seqlen_new = static_cast<int>(seqlen_q);
+    ap.heads_kv = static_cast<int>(heads_kv);
+    ap.head_dim = static_cast<int>(head_dim);
+    try {
+      kn::run_kv_cache_append(ap, stream);
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, op, ": ", e.what());
+    }
+  }
+
+  // The caches are read in place; only a head dim that is not a multiple of
+  // 8, or misaligned rows, cost a padded copy of them.
+  const int64_t padded_dim = padded_head_dim(head_dim);
+  const at::Tensor q = prepare(q_in, padded_dim), k = prepare(k_cache, padded_dim), v = prepare(v_cache, padded_dim);
+
+  at::Tensor out = new_output({batch, seqlen_q, heads_q, padded_dim}, q_in.options());
+  at::Tensor lse = new_output({batch, heads_q, seqlen_q}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+
+  kn::FwdParams p = tensor_params(q, k, v, out, lse);
+  if (lens.defined()) {
+    p.seqused_k = lens.const_data_ptr<int32_t>();
+    p.seqused_k_add = static_cast<int>(a.num_new);
+  }
+  if (a.paged) {
+    p.block_table = block_table->const_data_ptr<int32_t>();
+    p.block_table_batch_stride = block_table->stride(0);
+    p.page_block_size = static_cast<int>(a.block_size);
+  }
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(a.capacity);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  set_options(p, a.params, q, padded_dim, seqlen_q, a.capacity);
+  check_row_offsets(op, k, a.block_size, 1);
+  check_row_offsets(op, v, a.block_size, 1);
+
+  plan_and_run(op, p, q, num_splits > 0 ? static_cast<int>(std::min<int64_t>(num_splits, 1 << 30))
+                                         : forward_overrides().num_splits);
+  if (padded_dim != head_dim) out = out.narrow(3, 0, head_dim).contiguous();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& outs_in, const at::Tensor& lses_in) {
+  const char* op = "gqa.merge_states";
+  check_merge_states_args(op, outs_in, lses_in);
+  c10::cuda::CUDAGuard guard(outs_in.device());
+  const at::Tensor outs = outs_in.contiguous(), lses = lses_in.contiguous();
+  at::Tensor out = new_output(outs.sizes().slice(1), outs.options());
+  at::Tensor lse = new_output(lses.sizes().slice(1), lses.options());
+  if (lse.numel() == 0) return {out, lse};
+
+  kn::MergeStatesParams p{};
+  p.outs = outs.const_data_ptr();
+  p.lses = lses.const_data_ptr<float>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.num_parts = outs.size(0);
+  p.rows = lse.numel();
+  p.head_dim = outs.size(-1);
+  p.dtype = outs.scalar_type() == at::kFloat  ? kn::DType::kFloat32
+            : outs.scalar_type() == at::kHalf ? kn::DType::kFloat16
+                                              : kn::DType::kBFloat16;
+  try {
+    kn::run_merge_states(p, at::cuda::getCurrentCUDAStream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace gqa
 
 TORCH_LIBRARY_IMPL(gqa, CUDA, m) {
   m.impl("forward", &gqa::forward_cuda);
   m.impl("backward", &gqa::backward_cuda);
+  m.impl("forward_varlen", &gqa::forward_varlen_cuda);
+  m.impl("backward_varlen", &gqa::backward_varlen_cuda);
+  m.impl("forward_kvcache", &gqa::forward_kvcache_cuda);
+  m.impl("merge_states", &gqa::merge_states_cuda);
 }
