@@ -57,33 +57,95 @@ inline void prefetch_l2(const char* p) {
 // enough to cover memory latency and short enough to stay in L2. The hardware
 // prefetchers would not do it: consecutive keys of one head are a whole
 // (Hkv, D) row apart, usually a page or more.
-template <typename T>
 struct PrefetchRows {
-  const T* k = nullptr;
-  const T* v = nullptr;
-  int64_t kss = 0, vss = 0, n = 0, row_bytes = 0;
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t k_stride = 0, v_stride = 0, n = 0, row_bytes = 0;  // strides in bytes
 
   // Row j of K (during the scores) or of V (during P V), so that the
   // requests are spread over the work rather than issued in bursts.
-  void k_row(int64_t j) const { row(k + j * kss, j); }
-  void v_row(int64_t j) const { row(v + j * vss, j); }
+  void k_row(int64_t j) const { row(k + j * k_stride, j); }
+  void v_row(int64_t j) const { row(v + j * v_stride, j); }
 
  private:
-  void row(const T* p, int64_t j) const {
+  void row(const char* p, int64_t j) const {
     if (j >= n) return;
-    const char* c = reinterpret_cast<const char*>(p);
-    for (int64_t off = 0; off < row_bytes; off += 64) prefetch_l2(c + off);
+    for (int64_t off = 0; off < row_bytes; off += 64) prefetch_l2(p + off);
   }
 };
 
+// bfloat16 K/V read as pairs: a 32-byte load of 16 values gives the even
+// ones (shifted into fp32 position) and the odd ones (masked) as two fp32
+// vectors, two cheap integer ops where converting each half costs a widening
+// shuffle and a shift. The query rows and the output accumulators are kept
+// in the same order (within each 16 columns: the 8 even ones, then the 8 odd
+// ones) and put back in order at the end. Only for head dims that are
+// multiples of 16, on AVX2.
+struct Bf16Pairs {
+  uint16_t bits;
+  explicit operator float() const { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
+};
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHasBf16Pairs = true;
+#else
+constexpr bool kHasBf16Pairs = false;
+#endif
+
+// Columns [0, 16) of a row as two fp32 vectors: in order, or for Bf16Pairs
+// the even and the odd columns.
+template <typename T>
+inline void load_pair(const T* p, Vec& lo, Vec& hi);
+
 template <typename T>
 inline Vec load_f32(const T* p) {
+  static_assert(!std::is_same_v<T, Bf16Pairs>, "Bf16Pairs rows are read by load_pair only");
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(p);
   } else {
     Vec out;
     at::vec::load_to_float(p, out);
     return out;
+  }
+}
+
+template <typename T>
+inline void load_pair(const T* p, Vec& lo, Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, Bf16Pairs>) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    return;
+  }
+#endif
+  if constexpr (!std::is_same_v<T, Bf16Pairs>) {
+    lo = load_f32(p);
+    hi = load_f32(p + kVS);
+  }
+}
+
+// Row r of n values into dst in the order the kernel keeps it in.
+template <typename T, typename scalar_t>
+inline void load_row(const scalar_t* src, int64_t n, float* dst) {
+  at::vec::convert(src, dst, n);
+  if constexpr (std::is_same_v<T, Bf16Pairs>) {
+    for (int64_t c = 0; c < n; c += 2 * kVS) {
+      float tmp[2 * kVS];
+      std::copy_n(dst + c, 2 * kVS, tmp);
+      for (int64_t j = 0; j < kVS; ++j) dst[c + j] = tmp[2 * j], dst[c + kVS + j] = tmp[2 * j + 1];
+    }
+  }
+}
+
+// The inverse of load_row's order, in place.
+template <typename T>
+inline void restore_order(float* row, int64_t n) {
+  if constexpr (std::is_same_v<T, Bf16Pairs>) {
+    for (int64_t c = 0; c < n; c += 2 * kVS) {
+      float tmp[2 * kVS];
+      std::copy_n(row + c, 2 * kVS, tmp);
+      for (int64_t j = 0; j < kVS; ++j) row[c + 2 * j] = tmp[j], row[c + 2 * j + 1] = tmp[kVS + j];
+    }
   }
 }
 
@@ -96,12 +158,23 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
   Vec a[NR][NK];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < NK; ++c) a[r][c] = Vec(0.f);
-  for (int64_t d = 0; d < Dv; d += kVS) {
-    Vec kv[NK];
-    for (int c = 0; c < NK; ++c) kv[c] = load_f32(k + c * kss + d);
+  int64_t d = 0;
+  for (; d + 2 * kVS <= D; d += 2 * kVS) {
+    Vec lo[NK], hi[NK];
+    for (int c = 0; c < NK; ++c) load_pair(k + c * kss + d, lo[c], hi[c]);
     for (int r = 0; r < NR; ++r) {
-      const Vec qv = Vec::loadu(q + r * D + d);
-      for (int c = 0; c < NK; ++c) a[r][c] = at::vec::fmadd(qv, kv[c], a[r][c]);
+      const Vec q_lo = Vec::loadu(q + r * D + d), q_hi = Vec::loadu(q + r * D + d + kVS);
+      for (int c = 0; c < NK; ++c) a[r][c] = at::vec::fmadd(q_hi, hi[c], at::vec::fmadd(q_lo, lo[c], a[r][c]));
+    }
+  }
+  if constexpr (!std::is_same_v<T, Bf16Pairs>) {
+    for (; d < Dv; d += kVS) {
+      Vec kv[NK];
+      for (int c = 0; c < NK; ++c) kv[c] = load_f32(k + c * kss + d);
+      for (int r = 0; r < NR; ++r) {
+        const Vec qv = Vec::loadu(q + r * D + d);
+        for (int c = 0; c < NK; ++c) a[r][c] = at::vec::fmadd(qv, kv[c], a[r][c]);
+      }
     }
   }
   // The NR x NK horizontal sums. Spilled once to a plain array: reducing the
@@ -131,7 +204,7 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < NK; ++c) s[r * kChunk + c] = t[r][c];
-  if (Dv < D) {  // head dims off the vector width
+  if (!std::is_same_v<T, Bf16Pairs> && Dv < D) {  // head dims off the vector width
     for (int r = 0; r < NR; ++r)
       for (int c = 0; c < NK; ++c)
         for (int64_t d = Dv; d < D; ++d) s[r * kChunk + c] += q[r * D + d] * static_cast<float>(k[c * kss + d]);
@@ -141,7 +214,7 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
 // Also prefetches pf's K rows, one per key.
 template <int NR, typename T>
 void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk, float* s,
-                  const PrefetchRows<T>& pf) {
+                  const PrefetchRows& pf) {
   int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
     pf.k_row(j);
@@ -160,7 +233,7 @@ void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk
 // the NR x 2 accumulators stay in registers across the keys.
 template <int NR, typename T>
 void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, int64_t D,
-              const PrefetchRows<T>& pf) {
+              const PrefetchRows& pf) {
   int64_t d = 0;
   for (; d + 2 * kVS <= D; d += 2 * kVS) {
     Vec a0[NR], a1[NR];
@@ -170,7 +243,8 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
     }
     for (int64_t j = 0; j < nk; ++j) {
       if (d == 0) pf.v_row(j);
-      const Vec v0 = load_f32(v + j * vss + d), v1 = load_f32(v + j * vss + d + kVS);
+      Vec v0, v1;
+      load_pair(v + j * vss + d, v0, v1);
       for (int r = 0; r < NR; ++r) {
         const Vec pr(p[r * kChunk + j]);
         a0[r] = at::vec::fmadd(pr, v0, a0[r]);
@@ -182,30 +256,74 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
       a1[r].store(acc + r * D + d + kVS);
     }
   }
-  for (; d + kVS <= D; d += kVS) {
-    Vec a[NR];
-    for (int r = 0; r < NR; ++r) a[r] = Vec::loadu(acc + r * D + d);
-    for (int64_t j = 0; j < nk; ++j) {
-      const Vec v0 = load_f32(v + j * vss + d);
-      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec(p[r * kChunk + j]), v0, a[r]);
+  if constexpr (!std::is_same_v<T, Bf16Pairs>) {  // Bf16Pairs: D is a multiple of 16
+    for (; d + kVS <= D; d += kVS) {
+      Vec a[NR];
+      for (int r = 0; r < NR; ++r) a[r] = Vec::loadu(acc + r * D + d);
+      for (int64_t j = 0; j < nk; ++j) {
+        const Vec v0 = load_f32(v + j * vss + d);
+        for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec(p[r * kChunk + j]), v0, a[r]);
+      }
+      for (int r = 0; r < NR; ++r) a[r].store(acc + r * D + d);
     }
-    for (int r = 0; r < NR; ++r) a[r].store(acc + r * D + d);
+    for (; d < D; ++d)
+      for (int r = 0; r < NR; ++r) {
+        float x = acc[r * D + d];
+        for (int64_t j = 0; j < nk; ++j) x += p[r * kChunk + j] * static_cast<float>(v[j * vss + d]);
+        acc[r * D + d] = x;
+      }
   }
-  for (; d < D; ++d)
-    for (int r = 0; r < NR; ++r) {
-      float x = acc[r * D + d];
-      for (int64_t j = 0; j < nk; ++j) x += p[r * kChunk + j] * static_cast<float>(v[j * vss + d]);
-      acc[r * D + d] = x;
-    }
   for (int64_t j = D < 2 * kVS ? 0 : nk; j < pf.n; ++j) pf.v_row(j);
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+// The online-softmax update of NR rows over a whole chunk without softcap,
+// when a chunk is one vector: each row stays in a register from the scale
+// to the exponentials. The general path (transform_scores, exp_shift_sum)
+// spent about a seventh of the kernel's instructions on these 8 keys.
+template <int NR>
+inline void softmax_chunk_vec(float* s, float scale, float* acc, int64_t D, float* m, float* l) {
+  static_assert(kVS == kChunk);
+  for (int r = 0; r < NR; ++r) {
+    const Vec x = Vec::loadu(s + r * kChunk) * Vec(scale);
+    const float m_new = std::max(m[r], hmax8(x));
+    const Vec e = (x - Vec(m_new)).exp_u20();
+    e.store(s + r * kChunk);
+    if (m[r] != m_new) {
+      const float alpha = std::exp(m[r] - m_new);  // 0 on the row's first keys
+      l[r] *= alpha;
+      scale_inplace(acc + r * D, D, alpha);
+      m[r] = m_new;
+    }
+    l[r] += hsum8(e);
+  }
+}
+#endif
 
 // One block of nr <= kRowBlock query rows against keys [c0, c0 + nk): scores,
 // the online-softmax update of the rows' max m and sum l, then P V into acc.
 template <int NR, typename T>
 void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk, int64_t D,
-                  float scale, float cap, float* s, float* acc, float* m, float* l, const PrefetchRows<T>& pf) {
+                  float scale, float cap, float* s, float* acc, float* m, float* l, const PrefetchRows& pf) {
   scores_block<NR>(q, D, k, kss, nk, s, pf);
+#if defined(CPU_CAPABILITY_AVX2)
+  if (nk == kChunk && cap == 0) {
+    softmax_chunk_vec<NR>(s, scale, acc, D, m, l);
+    return pv_block<NR>(s, v, vss, nk, acc, D, pf);
+  }
+#endif
   for (int r = 0; r < NR; ++r) {
     float* sr = s + r * kChunk;
     const float m_new = std::max(m[r], transform_scores<float>(sr, nullptr, nk, scale, cap));
@@ -224,7 +342,7 @@ void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t v
 template <typename T>
 void attend_rows(int64_t nr, const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk,
                  int64_t D, float scale, float cap, float* s, float* acc, float* m, float* l,
-                 const PrefetchRows<T>& pf) {
+                 const PrefetchRows& pf) {
   static_assert(kRowBlock == 4);
   switch (nr) {
     case 1: return attend_block<1>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
@@ -327,13 +445,17 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     part_l.resize(B * n_splits * max_rows);
   }
 
-  const auto write_rows = [&](int64_t b, const float* acc, const float* m, const float* l) {
-    const SeqInfo& s = info[b];
-    for (int64_t r = 0; r < Hkv * s.seqlen_q * G; ++r) {
-      const int64_t g = r % G, i = r / G % s.seqlen_q, h = r / (G * s.seqlen_q) * G + g;
-      const int64_t lse_idx = packed_q ? h * Tq + s.q_row0 + i : (b * Hq + h) * Sq + i;
-      lsep[lse_idx] = finish_row(acc + r * D, m[r], l[r], D, op + ((s.q_row0 + i) * Hq + h) * D);
-    }
+  // T is how K/V rows are read: scalar_t, or Bf16Pairs.
+  const auto run = [&](auto row_type) {
+    using T = decltype(row_type);
+    const auto write_rows = [&](int64_t b, float* acc, const float* m, const float* l) {
+      const SeqInfo& s = info[b];
+      for (int64_t r = 0; r < Hkv * s.seqlen_q * G; ++r) {
+        const int64_t g = r % G, i = r / G % s.seqlen_q, h = r / (G * s.seqlen_q) * G + g;
+        const int64_t lse_idx = packed_q ? h * Tq + s.q_row0 + i : (b * Hq + h) * Sq + i;
+        restore_order<T>(acc + r * D, D);
+        lsep[lse_idx] = finish_row(acc + r * D, m[r], l[r], D, op + ((s.q_row0 + i) * Hq + h) * D);
+      }
   };
 
   at::parallel_for(0, B * n_splits, 1, [&](int64_t begin, int64_t end) {
@@ -349,7 +471,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const scalar_t* qb = qp + (packed_q ? si.q_row0 * qss : b * qsb);
       for (int64_t r = 0; r < n_rows; ++r) {
         const int64_t g = r % G, i = r / G % sq, h = r / (G * sq) * G + g;
-        at::vec::convert(qb + i * qss + h * qsh, q_buf.data() + r * D, D);
+        load_row<T>(qb + i * qss + h * qsh, D, q_buf.data() + r * D);
       }
       for (int64_t i = 0; i < sq; ++i) ranges[i] = visible_keys(i, sq, si.seqlen_k, p);
       fill(m.data(), n_rows, -std::numeric_limits<float>::infinity());
@@ -369,20 +491,26 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           const scalar_t* vh = vc + hkv * vsh;
           // The next head of this chunk, or the first head of the next chunk.
           const bool last_head = hkv + 1 == Hkv;
-          PrefetchRows<scalar_t> pf;
+          const auto pf_rows = [&](const scalar_t* k_first, const scalar_t* v_first, int64_t n) {
+            constexpr int64_t es = sizeof(scalar_t);
+            return PrefetchRows{reinterpret_cast<const char*>(k_first), reinterpret_cast<const char*>(v_first),
+                                kss * es, vss * es, n, D * es};
+          };
+          PrefetchRows pf;
           if (!last_head) {
-            pf = {kh + ksh, vh + vsh, kss, vss, j1 - j0, D * static_cast<int64_t>(sizeof(scalar_t))};
+            pf = pf_rows(kh + ksh, vh + vsh, j1 - j0);
           } else if (j2 > j1) {
-            pf = {kr.row(j1), vr.row(j1), kss, vss, j2 - j1, D * static_cast<int64_t>(sizeof(scalar_t))};
+            pf = pf_rows(kr.row(j1), vr.row(j1), j2 - j1);
           }
           for (int64_t i = 0; i < sq; ++i) {
             const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
             if (c0 > c1) continue;  // none of these keys is visible to position i
             for (int64_t g0 = 0; g0 < G; g0 += kRowBlock) {
               const int64_t r0 = (hkv * sq + i) * G + g0;
-              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D, kh + (c0 - j0) * kss, kss,
-                          vh + (c0 - j0) * vss, vss, c1 - c0 + 1, D, scale, cap, s.data(), acc.data() + r0 * D,
-                          m.data() + r0, l.data() + r0, pf);
+              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D,
+                          reinterpret_cast<const T*>(kh + (c0 - j0) * kss), kss,
+                          reinterpret_cast<const T*>(vh + (c0 - j0) * vss), vss, c1 - c0 + 1, D, scale, cap,
+                          s.data(), acc.data() + r0 * D, m.data() + r0, l.data() + r0, pf);
               pf.n = 0;  // issued once per head-chunk
             }
           }
@@ -413,6 +541,11 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       }
     });
   }
+  };
+  if constexpr (kHasBf16Pairs && std::is_same_v<scalar_t, at::BFloat16>) {
+    if (D % (2 * kVS) == 0) return run(Bf16Pairs{});
+  }
+  run(scalar_t{});
 }
 
 }  // namespace
