@@ -36,16 +36,17 @@ void check_same(const char* op, const char* name, const at::Tensor& t, const at:
 
 // q, k, v of any rank r with (..., H, D) last: dtypes, devices, equal k/v
 // shapes, head counts and the head dim.
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const char* k_name = "k", const char* v_name = "v") {
   TORCH_CHECK_TYPE(supported_dtype(q.scalar_type()), op,
                    ": q must be float32, bfloat16, float16 or float64, got ", q.scalar_type());
-  check_same(op, "k", k, q);
-  check_same(op, "v", v, q);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
-                    " and v ", v.sizes());
+  check_same(op, k_name, k, q);
+  check_same(op, v_name, v, q);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": ", k_name, " and ", v_name, " must have the same shape, got ",
+                    k_name, " ", k.sizes(), " and ", v_name, " ", v.sizes());
   const int64_t r = q.dim();
-  TORCH_CHECK_VALUE(k.size(r - 1) == q.size(r - 1), op, ": k and v must have q's head dim ", q.size(r - 1),
-                    ", got ", k.size(r - 1));
+  TORCH_CHECK_VALUE(k.size(r - 1) == q.size(r - 1), op, ": ", k_name, " and ", v_name, " must have q's head dim ",
+                    q.size(r - 1), ", got ", k.size(r - 1));
   TORCH_CHECK_VALUE(q.size(r - 1) > 0, op, ": the head dim D must be positive, got q of shape ", q.sizes());
   const int64_t Hq = q.size(r - 2), Hkv = k.size(r - 2);
   TORCH_CHECK_VALUE(Hkv > 0 && Hq > 0, op, ": q and k need at least one head, got Hq = ", Hq, " and Hkv = ", Hkv);
@@ -187,7 +188,7 @@ KvcacheArgs check_kvcache_args(const char* op, const at::Tensor& q, const at::Te
   const char* cache_dims = paged ? "(num_blocks, block_size, Hkv, D)" : "(B, Smax, Hkv, D)";
   check_rank(op, "k_cache", k_cache, 4, cache_dims);
   check_rank(op, "v_cache", v_cache, 4, cache_dims);
-  check_qkv(op, q, k_cache, v_cache);
+  check_qkv(op, q, k_cache, v_cache, "k_cache", "v_cache");
   const int64_t B = q.size(0), Sq = q.size(1);
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), op, ": k_new and v_new must be given together");
   if (k_new.has_value()) {
