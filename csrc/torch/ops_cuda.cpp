@@ -50,9 +50,6 @@ void check_cuda_dtype_and_head_dim(const char* op, const at::Tensor& q) {
                               kn::kMaxHeadDim, ", got ", head_dim);
 }
 
-// The options and dtype every forward shares. Windows are clamped to the
-// longest key and query ranges, past which they change nothing, so that
-// they fit an int.
 // The tensors' pointers and strides, for (B, S, H, D) tensors or packed
 // (T, H, D) ones (whose batch strides stay 0).
 kn::FwdParams tensor_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -75,8 +72,18 @@ kn::FwdParams tensor_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-void set_options(kn::FwdParams& p, const AttnParams& ap, const at::Tensor& q, int64_t padded_dim, int64_t max_seqlen_q,
-                 int64_t max_seqlen_k) {
+// The shape, options and dtype every forward shares; the lengths are the
+// longest sequence's (or a cache's capacity). Windows are clamped to the
+// longest key and query ranges, past which they change nothing, so that
+// they fit an int.
+void set_shape_and_options(kn::FwdParams& p, const AttnParams& ap, const at::Tensor& q, int64_t padded_dim,
+                           int64_t batch, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t heads_q,
+                           int64_t heads_kv) {
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = static_cast<int>(max_seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
   p.head_dim = static_cast<int>(padded_dim);
   p.dtype = q.scalar_type() == at::kHalf ? kn::DType::kFloat16 : kn::DType::kBFloat16;
   p.softmax_scale = static_cast<float>(ap.softmax_scale);
@@ -154,12 +161,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   if (out.numel() == 0) return {out, lse};
 
   kn::FwdParams p = tensor_params(q, k, v, out, lse);
-  p.batch = static_cast<int>(batch);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_k = static_cast<int>(seqlen_k);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  set_options(p, ap, q, padded_dim, seqlen_q, seqlen_k);
+  set_shape_and_options(p, ap, q, padded_dim, batch, seqlen_q, seqlen_k, heads_q, heads_kv);
   check_row_offsets(op, k, seqlen_k, 1);
   check_row_offsets(op, v, seqlen_k, 1);
 
@@ -210,12 +212,7 @@ std::tuple<at::Tensor, at::Tensor> forward_varlen_cuda(const at::Tensor& q_in, c
   p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
   p.total_q = static_cast<int>(total_q);
-  p.batch = static_cast<int>(batch);
-  p.seqlen_q = static_cast<int>(max_seqlen_q);
-  p.seqlen_k = static_cast<int>(max_seqlen_k);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  set_options(p, ap, q, padded_dim, max_seqlen_q, max_seqlen_k);
+  set_shape_and_options(p, ap, q, padded_dim, batch, max_seqlen_q, max_seqlen_k, heads_q, heads_kv);
   check_row_offsets(op, k, max_seqlen_k, 0);
   check_row_offsets(op, v, max_seqlen_k, 0);
 
@@ -313,12 +310,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kvcache_cuda(
     p.block_table_batch_stride = block_table->stride(0);
     p.page_block_size = static_cast<int>(a.block_size);
   }
-  p.batch = static_cast<int>(batch);
-  p.seqlen_q = static_cast<int>(seqlen_q);
-  p.seqlen_k = static_cast<int>(a.capacity);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  set_options(p, a.params, q, padded_dim, seqlen_q, a.capacity);
+  set_shape_and_options(p, a.params, q, padded_dim, batch, seqlen_q, a.capacity, heads_q, heads_kv);
   check_row_offsets(op, k, a.block_size, 1);
   check_row_offsets(op, v, a.block_size, 1);
 
