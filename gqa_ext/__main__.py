@@ -1,8 +1,9 @@
-"""``gqa-ext`` (``python -m gqa_ext``): build info and a demo, the benchmark, and KV-cache sizes.
+"""``gqa-ext`` (``python -m gqa_ext``): build info and a demo, the benchmark, KV-cache sizes, MHA-to-GQA conversion.
 
     gqa-ext [info]          what this build contains, and a short demo
     gqa-ext bench [...]     gqa_ext against SDPA and FlexAttention on model shapes (gqa_ext.bench)
     gqa-ext memory [...]    KV-cache bytes of each model under MHA, GQA and MQA (gqa_ext.memory)
+    gqa-ext convert [...]   a multi-head checkpoint to GQA by mean-pooling K/V heads (gqa_ext.convert)
 
 The demo runs a LLaMA-3-8B-shaped attention layer (32 query heads sharing 8
 KV heads) forward and backward on the CPU and checks it against the float64
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import gqa_ext
-from gqa_ext import bench, memory
+from gqa_ext import bench, convert, memory
 
 
 def info() -> int:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gqa-ext", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,memory}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,memory,convert}")
     sub.add_parser("info", help="what this build contains, and a short demo (the default)")
     bench_parser = sub.add_parser(
         "bench",
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_arguments(bench_parser)
     memory_parser = sub.add_parser("memory", help="KV-cache sizes under MHA, GQA and MQA", description=memory.__doc__)
     memory.add_arguments(memory_parser)
+    convert_parser = sub.add_parser(
+        "convert",
+        help="convert a multi-head checkpoint to GQA",
+        description=convert.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_arguments(convert_parser)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench.run(args, command=shlex.join(["gqa-ext", *argv]))
     if args.command == "memory":
         return memory.run(args)
+    if args.command == "convert":
+        return convert.run(args)
     return info()
 
 
