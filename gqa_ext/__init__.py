@@ -4,7 +4,10 @@ Importing it registers the ``torch.ops.gqa.*`` ops (forward, backward, their
 variable-length forms, forward_kvcache and merge_states) with their fake
 kernels (torch.compile) and autograd, and exposes the Python API:
 :func:`attention`, :func:`attention_varlen`, :func:`attention_kvcache` and
-:func:`merge_states`.
+:func:`merge_states`. Built on them: :mod:`gqa_ext.nn` (the
+``GroupedQueryAttention`` layer and its ``KVCache``), :mod:`gqa_ext.convert`
+(multi-head checkpoints to GQA) and :mod:`gqa_ext.integrations.transformers`
+(``attn_implementation="gqa_ext"``; imported on its own, as it needs transformers).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _load_native():
 
 _C, __version__ = _load_native()
 
-from gqa_ext import _ops  # noqa: E402, F401  (registers fake kernels and autograd)
+# _ops registers the fake kernels and autograd.
+from gqa_ext import _ops, convert, nn  # noqa: E402, F401
 from gqa_ext.api import attention, attention_kvcache, attention_varlen, merge_states  # noqa: E402
 from gqa_ext.reference import attention_ref  # noqa: E402
 
@@ -52,6 +56,8 @@ __all__ = [
     "attention_varlen",
     "attention_ref",
     "build_info",
+    "convert",
     "merge_states",
+    "nn",
     "__version__",
 ]
