@@ -4,6 +4,7 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
+#include "kernels/dispatch_sm80.h"
 #include "kernels/fwd_combine.h"
 #include "kernels/fwd_params.h"
 #include "kernels/fwd_sm80.h"
@@ -11,28 +12,6 @@
 
 namespace gqa::kernels {
 namespace {
-
-// Calls fn.template operator()<Element, kHeadDim>() for the instantiation
-// that serves params.
-template <class Fn>
-auto dispatch_sm80(const FwdParams& params, Fn&& fn) {
-  const int d = fwd_round_head_dim(params.head_dim);
-  if (params.head_dim <= 0 || params.head_dim > kMaxHeadDim || params.head_dim % 8 != 0) {
-    throw std::invalid_argument("gqa_ext: the CUDA forward takes head dims that are multiples of 8 up to " +
-                                std::to_string(kMaxHeadDim) + ", got " + std::to_string(params.head_dim));
-  }
-  if (params.dtype != DType::kFloat16 && params.dtype != DType::kBFloat16) {
-    throw std::invalid_argument("gqa_ext: the CUDA forward takes float16 and bfloat16 only");
-  }
-  if (params.dtype == DType::kFloat16) {
-    if (d == 64) return fn.template operator()<cutlass::half_t, 64>();
-    if (d == 128) return fn.template operator()<cutlass::half_t, 128>();
-    return fn.template operator()<cutlass::half_t, 256>();
-  }
-  if (d == 64) return fn.template operator()<cutlass::bfloat16_t, 64>();
-  if (d == 128) return fn.template operator()<cutlass::bfloat16_t, 128>();
-  return fn.template operator()<cutlass::bfloat16_t, 256>();
-}
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

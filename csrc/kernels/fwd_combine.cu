@@ -7,6 +7,7 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/fwd_combine.h"
+#include "kernels/lse_rows.cuh"
 
 namespace gqa::kernels {
 namespace {
@@ -14,28 +15,12 @@ namespace {
 constexpr int kMaxSplits = 128;
 constexpr int kWarpsPerBlock = 4;
 
-__device__ __forceinline__ void store4(__half* dst, float4 v) {
-  reinterpret_cast<__half2*>(dst)[0] = __floats2half2_rn(v.x, v.y);
-  reinterpret_cast<__half2*>(dst)[1] = __floats2half2_rn(v.z, v.w);
-}
-
-__device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
-  reinterpret_cast<__nv_bfloat162*>(dst)[0] = __floats2bfloat162_rn(v.x, v.y);
-  reinterpret_cast<__nv_bfloat162*>(dst)[1] = __floats2bfloat162_rn(v.z, v.w);
-}
-
-// Query rows, numbered as lse numbers them: (b * Hq + h) * Sq + pos, or
-// h * Tq + t for packed sequences.
-__host__ __device__ inline int64_t combine_rows(const FwdParams& p) {
-  return p.cu_seqlens_q != nullptr ? int64_t(p.heads_q) * p.total_q : int64_t(p.batch) * p.heads_q * p.seqlen_q;
-}
-
 // One warp per query row; lanes hold the splits' weights, then 4 columns
 // each per pass over the head dim.
 template <typename Element>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(const __grid_constant__ FwdParams p) {
   const int lane = threadIdx.x % 32;
-  const int64_t rows = combine_rows(p);
+  const int64_t rows = lse_rows(p);
   const int64_t row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
   const int64_t split_stride = rows;  // lse_accum is (splits, rows)
@@ -64,14 +49,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(co
 
   if (lane == 0) p.lse[row] = sum > 0.f ? logf(sum) + shift : -INFINITY;
 
-  Element* out = static_cast<Element*>(p.out);
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t h = row / p.total_q, t = row % p.total_q;
-    out += t * p.o_row_stride + h * p.o_head_stride;
-  } else {
-    const int64_t pos = row % p.seqlen_q, bh = row / p.seqlen_q;
-    out += bh / p.heads_q * p.o_batch_stride + pos * p.o_row_stride + bh % p.heads_q * p.o_head_stride;
-  }
+  Element* out =
+      static_cast<Element*>(p.out) + lse_row_offset(p, row, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   // Loop bounds are warp-uniform so that every lane takes part in the
   // shuffles that hand out the weights.
   for (int col0 = 0; col0 < p.head_dim; col0 += 128) {
@@ -100,10 +79,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) gqa_fwd_combine_kernel(co
 
 int fwd_combine_max_splits() { return kMaxSplits; }
 
-int64_t fwd_combine_rows(const FwdParams& params) { return combine_rows(params); }
+int64_t fwd_combine_rows(const FwdParams& params) { return lse_rows(params); }
 
 void run_fwd_combine(const FwdParams& params, cudaStream_t stream) {
-  const int64_t rows = combine_rows(params);
+  const int64_t rows = lse_rows(params);
   if (rows == 0) return;
   const dim3 grid(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
   if (params.dtype == DType::kFloat16) {
