@@ -1,14 +1,28 @@
 """``gqa-ext bench``: gqa_ext side by side with SDPA and FlexAttention on real model shapes.
 
 Cases are model x mode x length (gqa_ext.models): ``prefill`` (causal forward,
-Sq = Sk = S), ``train`` (causal forward and backward) and ``decode`` (one query
-over a K/V cache of length L). Every implementation runs on the same inputs,
-alternately, in one process. Before any timing each one's output (and in train
+Sq = Sk = S), ``train`` (causal forward and backward), ``backward`` (the
+backward alone, causal, and without a mask in the ``backward-full`` cases) and
+``decode`` (one query over a K/V cache of length L). ``backward`` is not in
+the default modes. Every implementation runs on the same inputs, alternately,
+in one process. Before any timing each one's output (and in train and backward
 mode dq, dk, dv) is checked against the float64 reference on slices of the
 problem; a wrong one is reported WRONG and not timed. Each case reports median
 times; our TFLOP/s or K/V GB/s, whichever bounds the case, as a percentage of
 that ceiling measured in the same run (a roofline); the speedup of ours over the best other
 implementation, and each one's peak extra memory.
+
+In backward mode each implementation's forward runs once, untimed, and the
+timed call is its backward on the forward's saved state: ours is
+``torch.ops.gqa.backward(dout, q, k, v, out, lse, ...)`` on the out and lse of
+one ``torch.ops.gqa.forward``; the others are
+``torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)`` through
+their forward's graph (for SDPA after repeat_interleave that includes summing
+the expanded dK and dV back to the KV heads). The peak memory is the
+backward's alone: what the forward saved was allocated before it. FLOPs count
+the matmuls over the visible (query, key) pairs: 4 * B * Hq * D a pair for the
+forward's two (QK^T, PV), 2.5 times that for the backward's five (QK^T again,
+dV, dP, dQ, dK), 3.5 times it for train.
 
     gqa-ext bench [--device cpu|cuda] [--quick] [--model M,..] [--mode M,..] [--dtype D,..]
                   [--case SUBSTR,..] [--out DIR]
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -42,7 +57,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -55,27 +70,43 @@ from gqa_ext.reference import attention_ref, visible_mask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-PREFILL, TRAIN, DECODE = "prefill", "train", "decode"
-MODES = (PREFILL, TRAIN, DECODE)
+PREFILL, TRAIN, BACKWARD, DECODE = "prefill", "train", "backward", "decode"
+MODES = (PREFILL, TRAIN, BACKWARD, DECODE)
+# Without --mode. The backward alone is a part of train, asked for by name.
+DEFAULT_MODES = (PREFILL, TRAIN, DECODE)
+# Modes with dq, dk, dv, checked against the reference.
+GRAD_MODES = (TRAIN, BACKWARD)
+# Modes that run each length twice: causal, and with no mask (kind "<mode>-full").
+FULL_MODES = (BACKWARD,)
+FULL = "-full"
 
-# Lengths per mode: S for prefill and train, the K/V cache length L for decode.
-CPU_LENGTHS = {PREFILL: [512, 1024, 2048], TRAIN: [256, 512, 1024], DECODE: [1024, 4096, 16384]}
+# Lengths per mode: S for prefill, train and backward, the K/V cache length L for decode.
+CPU_LENGTHS = {
+    PREFILL: [512, 1024, 2048],
+    TRAIN: [256, 512, 1024],
+    BACKWARD: [256, 512, 1024],
+    DECODE: [1024, 4096, 16384],
+}
 # Two decode lengths, so that --quick draws one plot.
-CPU_QUICK_LENGTHS = {PREFILL: [256], TRAIN: [128], DECODE: [512, 1024]}
+CPU_QUICK_LENGTHS = {PREFILL: [256], TRAIN: [128], BACKWARD: [128], DECODE: [512, 1024]}
 CUDA_LENGTHS = {
     PREFILL: [1024, 2048, 4096, 8192, 16384],
     TRAIN: [1024, 2048, 4096, 8192, 16384],
+    BACKWARD: [1024, 2048, 4096, 8192, 16384],
     DECODE: [4096, 16384, 65536],
 }
 CUDA_DECODE_BATCHES = [1, 8]
-# CUDA prefill and train keep B * S at this many tokens.
+# CUDA prefill, train and backward keep B * S at this many tokens.
 CUDA_TOKENS = 16384
-# CUDA --quick: (model, mode, length, batch). The latency-bound decode end (one
+# CUDA --quick: (model, kind, length, batch), kind being the mode or, for a
+# case without a causal mask, "<mode>-full". The latency-bound decode end (one
 # sequence) and the bandwidth-bound end, MQA, and Gemma 2's softcap + window,
-# which only ours and flex run.
+# which only ours and flex run; the backward alone causal and not.
 CUDA_QUICK = {
     ("llama3-8b", PREFILL, 4096, 4),
     ("llama3-8b", TRAIN, 4096, 4),
+    ("llama3-8b", BACKWARD, 4096, 4),
+    ("llama3-8b", BACKWARD + FULL, 4096, 4),
     ("llama3-8b", DECODE, 65536, 1),
     ("llama3-70b", DECODE, 16384, 8),
     ("gemma2-9b", PREFILL, 8192, 2),
@@ -159,11 +190,18 @@ class Case:
     seqlen_q: int
     seqlen_k: int
     quick: bool = False
+    # No causal mask (a model's window still applies); make_cases sets it in FULL_MODES only.
+    full: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The mode, or "<mode>-full" without the causal mask."""
+        return self.mode + FULL if self.full and self.mode != DECODE else self.mode
 
     @property
     def name(self) -> str:
         length = f"L{self.seqlen_k}" if self.mode == DECODE else f"S{self.seqlen_q}"
-        return f"{self.model.name} {self.mode} {DTYPE_NAMES[self.dtype]} {length} B{self.batch}"
+        return f"{self.model.name} {self.kind} {DTYPE_NAMES[self.dtype]} {length} B{self.batch}"
 
     @property
     def heads_q(self) -> int:
@@ -184,7 +222,7 @@ class Case:
     @property
     def causal(self) -> bool:
         # A decode query is the last position: causal or not, it sees the whole cache.
-        return self.mode != DECODE
+        return self.mode != DECODE and not self.full
 
     @property
     def window_left(self) -> int:
@@ -216,9 +254,14 @@ class Case:
 
     @property
     def flops(self) -> float:
-        """Matmul FLOPs over the visible pairs: 4 * B * Hq * D each forward, 3.5 times that with the backward."""
+        """Matmul FLOPs over the visible pairs: 4 * B * Hq * D each forward (QK^T, PV).
+
+        The backward's five matmuls (QK^T recomputed, dV, dP, dQ, dK) are 2.5
+        times the forward's: backward mode counts 2.5 times the forward, train
+        3.5 times.
+        """
         fwd = 4.0 * self.batch * self.heads_q * self.head_dim * self.visible_pairs
-        return 3.5 * fwd if self.mode == TRAIN else fwd
+        return {TRAIN: 3.5, BACKWARD: 2.5}.get(self.mode, 1.0) * fwd
 
     @property
     def kv_bytes(self) -> int:
@@ -251,6 +294,7 @@ def make_cases(
     """The cases of a run, model by model. ``lengths`` and ``batch`` replace the defaults of every mode.
 
     ``quick`` on the CPU takes short lengths; on CUDA, the cases of CUDA_QUICK.
+    A mode of FULL_MODES gives its causal cases, then the same without the mask.
     """
     cases = []
     for model in models:
@@ -260,23 +304,24 @@ def make_cases(
                     default = (CPU_QUICK_LENGTHS if quick else CPU_LENGTHS)[mode]
                 else:
                     default = CUDA_LENGTHS[mode]
-                for length in lengths or default:
-                    if batch is not None:
-                        batches = [batch]
-                    elif device == "cpu":
-                        batches = [1]
-                    elif mode == DECODE:
-                        batches = CUDA_DECODE_BATCHES
-                    else:
-                        batches = [max(1, CUDA_TOKENS // length)]
-                    for b in batches:
-                        in_quick = device == "cuda" and (model, mode, length, b) in CUDA_QUICK
-                        if device == "cuda" and quick and not in_quick:
-                            continue
-                        seqlen_q = 1 if mode == DECODE else length
-                        case = Case(MODELS[model], mode, dtype, b, seqlen_q, length, quick=quick or in_quick)
-                        if case.cache_bytes <= MAX_KV_BYTES[device]:
-                            cases.append(case)
+                for full in (False, True) if mode in FULL_MODES else (False,):
+                    for length in lengths or default:
+                        if batch is not None:
+                            batches = [batch]
+                        elif device == "cpu":
+                            batches = [1]
+                        elif mode == DECODE:
+                            batches = CUDA_DECODE_BATCHES
+                        else:
+                            batches = [max(1, CUDA_TOKENS // length)]
+                        for b in batches:
+                            seqlen_q = 1 if mode == DECODE else length
+                            case = Case(MODELS[model], mode, dtype, b, seqlen_q, length, full=full)
+                            in_quick = device == "cuda" and (model, case.kind, length, b) in CUDA_QUICK
+                            if device == "cuda" and quick and not in_quick:
+                                continue
+                            if case.cache_bytes <= MAX_KV_BYTES[device]:
+                                cases.append(replace(case, quick=quick or in_quick))
     return cases
 
 
@@ -533,20 +578,35 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, case: Case, backend: str | None, repe
     return run
 
 
-_flex_compiled: Callable | None = None
+# One torch.compile of flex_attention for backward mode (True), one for the others.
+_flex_compiled: dict[bool, Callable] = {}
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callable[[], Tensor]:
-    global _flex_compiled
+    import torch._functorch.config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if _flex_compiled is None:
+    # Backward mode calls the backward again and again on one forward
+    # (retain_graph), which a compiled backward that reuses ("donates") the
+    # forward's saved buffers refuses. A train case of the same shape compiles
+    # such a backward, and torch.compile would reuse it: its cache is per code
+    # object, and AOTAutograd's cache keys on the donation setting. So backward
+    # mode compiles a function of its own, with donation off.
+    retain = case.mode == BACKWARD
+    if retain not in _flex_compiled:
         # Every shape and mask compiles anew; past the recompile limit torch
         # would run flex_attention uncompiled, which materializes the scores:
         # raise instead, and allow the benchmark's number of shapes.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        if retain:
+
+            def flex_retained(*args, **kwargs):
+                return flex_attention(*args, **kwargs)
+
+            _flex_compiled[retain] = torch.compile(flex_retained, dynamic=False)
+        else:
+            _flex_compiled[retain] = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     score_mod = None
     if case.softcap > 0:
@@ -567,10 +627,13 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callable[[], Tensor]:
             return seen
 
         block_mask = create_block_mask(mask_mod, None, None, case.seqlen_q, case.seqlen_k, device=q.device)
-    compiled = _flex_compiled
+    compiled = _flex_compiled[retain]
+    # Compiles (in the first call of a shape and mask) without donated buffers in backward mode.
+    options = functorch_config.patch(donated_buffer=False) if retain else contextlib.nullcontext()
 
     def run() -> Tensor:
-        out = compiled(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, scale=case.scale, enable_gqa=True)
+        with options:
+            out = compiled(qt, kt, vt, score_mod=score_mod, block_mask=block_mask, scale=case.scale, enable_gqa=True)
         return out.transpose(1, 2)
 
     return run
@@ -596,6 +659,42 @@ def make_impl(name: str, q: Tensor, k: Tensor, v: Tensor, case: Case) -> Callabl
     if name == FLEX:
         return _flex(q, k, v, case)
     raise ValueError(f"unknown implementation {name!r}")
+
+
+Backward = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _ours_backward(q: Tensor, k: Tensor, v: Tensor, case: Case) -> tuple[Tensor, Backward]:
+    """Our forward op once; returns its out and dout -> (dq, dk, dv) by our backward op on out and lse."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    options = (case.scale, case.causal, case.window_left, case.window_right, case.softcap)
+    out, lse = torch.ops.gqa.forward(q, k, v, *options)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+
+    def backward(dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.gqa.backward(dout, q, k, v, out, lse, *options, deterministic)
+
+    return out, backward
+
+
+def make_backward(name: str, q: Tensor, k: Tensor, v: Tensor, case: Case) -> tuple[Tensor, Backward]:
+    """Runs implementation ``name``'s forward once; returns its output and a function dout -> (dq, dk, dv).
+
+    The function is the backward alone, repeatable: ours is torch.ops.gqa.backward
+    on the out and lse of one torch.ops.gqa.forward, as its autograd runs it;
+    the others are torch.autograd.grad through the graph of their forward on
+    ``q``, ``k``, ``v`` (which must require grad), kept for the next call.
+    Raises Unsupported as make_impl does.
+    """
+    if name == OURS:
+        return _ours_backward(q, k, v, case)
+    out = make_impl(name, q, k, v, case)()
+
+    def backward(dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        return dq, dk, dv
+
+    return out, backward
 
 
 # ---------------------------------------------------------------- checking
@@ -743,17 +842,20 @@ class Options:
 def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> dict:
     """Checks, measures the memory of, warms up and times every implementation on one case; returns its record.
 
-    ``skip_flex``, if not empty, is why FlexAttention is left out.
+    ``skip_flex``, if not empty, is why FlexAttention is left out. In backward
+    mode each implementation's forward runs once before its check, and the
+    check, the memory and the timed calls are of its backward (make_backward).
     """
     device = opts.device
     timer = Timer(device)
     train = case.mode == TRAIN
+    backward = case.mode == BACKWARD
     torch.manual_seed(0)
     q = torch.randn(case.batch, case.seqlen_q, case.heads_q, case.head_dim, dtype=case.dtype, device=device)
     k = torch.randn(case.batch, case.seqlen_k, case.heads_kv, case.head_dim, dtype=case.dtype, device=device)
     v = torch.randn_like(k)
     dout = check_dout = None
-    if train:
+    if case.mode in GRAD_MODES:
         q.requires_grad_()
         k.requires_grad_()
         v.requires_grad_()
@@ -787,8 +889,14 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
         finally:
             _clear_grads(q, k, v)
 
+    def check_backward(out: Tensor, bwd: Backward) -> dict[str, Tensor]:
+        """The backward with the check's dout, and the output of the forward it follows."""
+        dq, dk, dv = bwd(check_dout)
+        timer.sync()
+        return {"out": out.detach(), "dq": dq, "dk": dk, "dv": dv}
+
     rec: dict[str, dict] = {}
-    steps: dict[str, Callable[[], Tensor]] = {}
+    steps: dict[str, Callable[[], object]] = {}
     call_s: dict[str, float] = {}  # seconds of one untimed call, to size the rounds
     for name in opts.impls:
         if name == FLEX and skip_flex:
@@ -796,13 +904,24 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
             continue
         rec[name] = {}
         try:
-            run = make_impl(name, q, k, v, case)
+            if backward:
+                # The forward, untimed: what it saves is allocated before the
+                # backward's peak memory is measured, so not counted in it.
+                out, bwd = make_backward(name, q, k, v, case)
+                timer.sync()
+                check = functools.partial(check_backward, out, bwd)
+                step = functools.partial(bwd, dout)
+                del out, bwd
+            else:
+                run = make_impl(name, q, k, v, case)
+                check = functools.partial(check_call, run)
+                step = step_of(run)
             t = time.perf_counter()
             if device == "cpu":
                 # No compiling or autotuning on the CPU: the first call's memory is every call's.
-                got, rec[name]["peak_mb"] = measure_peak(lambda run=run: check_call(run), device)
+                got, rec[name]["peak_mb"] = measure_peak(check, device)
             else:
-                got = check_call(run)
+                got = check()
             call_s[name] = time.perf_counter() - t
         except Unsupported as e:
             rec[name] = {"status": UNSUPPORTED, "message": str(e)}
@@ -824,7 +943,7 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
             rec[name].pop("peak_mb", None)
             continue
         rec[name]["status"] = OK
-        steps[name] = step_of(run)
+        steps[name] = step
     del refs
 
     flush = None
@@ -919,6 +1038,8 @@ def run_case(case: Case, opts: Options, ceilings: dict, skip_flex: str = "") -> 
         "case": case.name,
         "model": case.model.name,
         "mode": case.mode,
+        # The mode, or "<mode>-full" without the causal mask.
+        "kind": case.kind,
         "dtype": DTYPE_NAMES[case.dtype],
         "shape": dict(
             batch=case.batch,
@@ -1009,7 +1130,9 @@ def format_table(meta: dict, ceilings: dict, rows: list[dict], impls: list[str])
         "unsup: cannot run the case; WRONG: differs from the float64 reference (not timed); ERR: raised; "
         "-: not run. %ceil: the case's floor time / ours, the floor being its FLOPs at the matmul rate or its K/V "
         "bytes at the read bandwidth, whichever is longer (the rate shown is that one's); "
-        "speedup: best other ms / ours; MB: peak extra memory of one call (ours, best other)"
+        "speedup: best other ms / ours; MB: peak extra memory of one call (ours, best other). "
+        "train: forward + backward; backward: the backward alone, after an untimed forward whose saved "
+        "tensors its MB leave out, FLOPs 2.5x the forward's; -full: no causal mask"
     )
     problems = [
         f"  {row['case']}: {n} {row['impls'][n]['status']}: {row['impls'][n].get('message', '')}"
@@ -1027,7 +1150,7 @@ def format_table(meta: dict, ceilings: dict, rows: list[dict], impls: list[str])
 
 
 def write_plots(rows: list[dict], out_dir: str) -> list[str] | None:
-    """One PNG per model x mode x dtype (x batch, for decode) with several lengths: time and speedup vs length.
+    """One PNG per model x kind x dtype (x batch, for decode) with several lengths: time and speedup vs length.
 
     Returns the files written, or None if matplotlib is not installed.
     """
@@ -1041,10 +1164,12 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str] | None:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if "impls" in row:
-            key = (row["model"], row["mode"], row["dtype"], row["batch"] if row["mode"] == DECODE else None)
+            kind = row.get("kind", row["mode"])
+            key = (row["model"], kind, row["dtype"], row["batch"] if row["mode"] == DECODE else None)
             groups.setdefault(key, []).append(row)
     written = []
-    for (model, mode, dtype, batch), group in groups.items():
+    for (model, kind, dtype, batch), group in groups.items():
+        mode = group[0]["mode"]
         group.sort(key=lambda r: r["length"])
         if len({r["length"] for r in group}) < 2:
             continue
@@ -1076,7 +1201,7 @@ def write_plots(rows: list[dict], out_dir: str) -> list[str] | None:
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        title = f"{model} {mode} {dtype}" + (f" B{batch}" if batch is not None else "")
+        title = f"{model} {kind} {dtype}" + (f" B{batch}" if batch is not None else "")
         fig.suptitle(title)
         fig.tight_layout()
         os.makedirs(out_dir, exist_ok=True)
@@ -1252,7 +1377,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", type=_list_of(DTYPES), help="dtypes (default: bf16 on CUDA, fp32,bf16 on CPU)")
     parser.add_argument("--model", type=_list_of(MODELS), help=f"models (default all: {', '.join(MODELS)})")
-    parser.add_argument("--mode", type=_list_of(MODES), help="modes (default: prefill,train,decode)")
+    parser.add_argument(
+        "--mode",
+        type=_list_of(MODES),
+        help=f"modes, of {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)}); backward runs each length "
+        "causal and without the mask (backward-full)",
+    )
     parser.add_argument(
         "--case",
         default="",
@@ -1325,13 +1455,19 @@ def run(args: argparse.Namespace, command: str = "gqa-ext bench") -> int:
     opts = Options(device, rounds, warmup, impls, timed_seconds=timed_seconds, verbose=args.verbose)
 
     cases = make_cases(
-        device, dtypes, models, args.mode or list(MODES), lengths=args.lengths, batch=args.batch, quick=args.quick
+        device,
+        dtypes,
+        models,
+        args.mode or list(DEFAULT_MODES),
+        lengths=args.lengths,
+        batch=args.batch,
+        quick=args.quick,
     )
     wanted_names = [s.strip() for s in args.case.split(",") if s.strip()]
     cases = [c for c in cases if not wanted_names or any(s in c.name for s in wanted_names)]
     if args.list:
         for c in cases:
-            print(f"{c.name:<36} K/V {c.cache_bytes / 1e9:7.3f} GB  {c.flops / 1e12:9.4f} TFLOP")
+            print(f"{c.name:<40} K/V {c.cache_bytes / 1e9:7.3f} GB  {c.flops / 1e12:9.4f} TFLOP")
         return 0
     if not cases:
         return fail("no case matches the options")
