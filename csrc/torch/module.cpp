@@ -37,7 +37,7 @@ py::dict build_info() {
   d["cutlass_version"] = py::none();
 #endif
 #ifdef GQA_EXT_WITH_CUDA
-  d["cuda_kernels"] = true;  // the forward; the CUDA backward raises "not built yet" until it lands
+  d["cuda_kernels"] = true;
 #else
   d["cuda_kernels"] = false;
 #endif

@@ -3,9 +3,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "kernels/bwd_params.h"
 #include "kernels/fwd_params.h"
 #include "kernels/kv_cache_append.h"
 #include "kernels/merge_states.h"
@@ -170,15 +172,91 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   return {out, lse};
 }
 
+// The gradients' pointers and strides, laid out like tensor_params'.
+void set_grad_params(kn::BwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
+                     const at::Tensor& dv) {
+  const int64_t r = dq.dim() - 3;  // the row dim
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.do_row_stride = dout.stride(r), p.do_head_stride = dout.stride(r + 1);
+  p.dq_row_stride = dq.stride(r), p.dq_head_stride = dq.stride(r + 1);
+  p.dk_row_stride = dk.stride(r), p.dk_head_stride = dk.stride(r + 1);
+  p.dv_row_stride = dv.stride(r), p.dv_head_stride = dv.stride(r + 1);
+  if (r == 1) {
+    p.do_batch_stride = dout.stride(0), p.dq_batch_stride = dq.stride(0);
+    p.dk_batch_stride = dk.stride(0), p.dv_batch_stride = dv.stride(0);
+  }
+}
+
+// Allocates the backward's workspace and runs it. rows: lse's numel.
+void run_backward(const char* op, kn::BwdParams& p, const at::Tensor& q, int64_t rows, bool deterministic) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  const at::Tensor dq_accum = at::zeros({rows, p.head_dim}, f32);
+  const at::Tensor dsum = at::empty({rows}, f32);
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dsum = dsum.data_ptr<float>();
+  p.deterministic = deterministic;
+  at::Tensor semaphore;
+  if (deterministic) {
+    semaphore = at::zeros({kn::bwd_semaphore_count(p)}, q.options().dtype(at::kInt));
+    p.dq_semaphore = semaphore.data_ptr<int>();
+  }
+  try {
+    kn::run_bwd(p, at::cuda::getCurrentCUDAStream());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+}
+
+// The gradients of the unpadded head dim; zeros where there is nothing to
+// differentiate (no query or no key), as the poisoned outputs must not leak.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(at::Tensor dq, at::Tensor dk, at::Tensor dv,
+                                                             int64_t head_dim, bool empty) {
+  if (empty) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  if (dq.size(-1) != head_dim) {
+    dq = dq.narrow(-1, 0, head_dim).contiguous();
+    dk = dk.narrow(-1, 0, head_dim).contiguous();
+    dv = dv.narrow(-1, 0, head_dim).contiguous();
+  }
+  return {dq, dk, dv};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, std::optional<double> softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, double softcap, bool /*deterministic*/) {
-  check_backward_args("gqa.backward", dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
-                      softcap);
-  TORCH_CHECK_NOT_IMPLEMENTED(false,
-                              "gqa.backward: the CUDA backward kernel of gqa_ext is not built yet; "
-                              "run the backward on CPU tensors for now");
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, std::optional<double> softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, bool deterministic) {
+  const char* op = "gqa.backward";
+  const AttnParams ap = check_backward_args(op, dout_in, q_in, k_in, v_in, out_in, lse_in, softmax_scale, causal,
+                                            window_left, window_right, softcap);
+  check_cuda_dtype_and_head_dim(op, q_in);
+  const int64_t head_dim = q_in.size(3);
+  const int64_t batch = q_in.size(0), seqlen_q = q_in.size(1), heads_q = q_in.size(2);
+  const int64_t seqlen_k = k_in.size(1), heads_kv = k_in.size(2);
+  check_grid_sizes(op, batch, seqlen_q, seqlen_k, heads_q, heads_kv);
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t padded_dim = padded_head_dim(head_dim);
+  at::Tensor dq = new_output({batch, seqlen_q, heads_q, padded_dim}, q_in.options());
+  at::Tensor dk = new_output({batch, seqlen_k, heads_kv, padded_dim}, q_in.options());
+  at::Tensor dv = new_output({batch, seqlen_k, heads_kv, padded_dim}, q_in.options());
+  const bool empty = batch == 0 || seqlen_q == 0 || seqlen_k == 0;
+  if (empty) return finish_grads(dq, dk, dv, head_dim, true);
+
+  const at::Tensor q = prepare(q_in, padded_dim), k = prepare(k_in, padded_dim), v = prepare(v_in, padded_dim);
+  const at::Tensor out = prepare(out_in, padded_dim), dout = prepare(dout_in, padded_dim);
+  const at::Tensor lse = lse_in.contiguous();
+  kn::BwdParams p{};
+  static_cast<kn::FwdParams&>(p) = tensor_params(q, k, v, out, lse);
+  set_shape_and_options(p, ap, q, padded_dim, batch, seqlen_q, seqlen_k, heads_q, heads_kv);
+  set_grad_params(p, dout, dq, dk, dv);
+  run_backward(op, p, q, lse.numel(), deterministic);
+  return finish_grads(dq, dk, dv, head_dim, false);
 }
 
 // Packed sequences: the dense forward's kernel, with each block finding its
@@ -221,16 +299,45 @@ std::tuple<at::Tensor, at::Tensor> forward_varlen_cuda(const at::Tensor& q_in, c
   return {out, lse};
 }
 
+// Packed sequences: the dense backward's kernels, with each block finding
+// its sequence's rows and lengths from cu_seqlens on the device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, double softcap, bool /*deterministic*/) {
-  check_varlen_backward_args("gqa.backward_varlen", dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap);
-  TORCH_CHECK_NOT_IMPLEMENTED(false,
-                              "gqa.backward_varlen: the CUDA backward kernel of gqa_ext is not built yet; "
-                              "run the backward on CPU tensors for now");
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap, bool deterministic) {
+  const char* op = "gqa.backward_varlen";
+  const AttnParams ap =
+      check_varlen_backward_args(op, dout_in, q_in, k_in, v_in, out_in, lse_in, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap);
+  check_cuda_dtype_and_head_dim(op, q_in);
+  const int64_t head_dim = q_in.size(2);
+  const int64_t total_q = q_in.size(0), heads_q = q_in.size(1);
+  const int64_t total_k = k_in.size(0), heads_kv = k_in.size(1);
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  check_grid_sizes(op, batch, max_seqlen_q, max_seqlen_k, heads_q, heads_kv);
+
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t padded_dim = padded_head_dim(head_dim);
+  at::Tensor dq = new_output({total_q, heads_q, padded_dim}, q_in.options());
+  at::Tensor dk = new_output({total_k, heads_kv, padded_dim}, q_in.options());
+  at::Tensor dv = new_output({total_k, heads_kv, padded_dim}, q_in.options());
+  const bool empty = batch == 0 || total_q == 0 || total_k == 0 || max_seqlen_q == 0 || max_seqlen_k == 0;
+  if (empty) return finish_grads(dq, dk, dv, head_dim, true);
+
+  const at::Tensor q = prepare(q_in, padded_dim), k = prepare(k_in, padded_dim), v = prepare(v_in, padded_dim);
+  const at::Tensor out = prepare(out_in, padded_dim), dout = prepare(dout_in, padded_dim);
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  kn::BwdParams p{};
+  static_cast<kn::FwdParams&>(p) = tensor_params(q, k, v, out, lse);
+  p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
+  p.total_q = static_cast<int>(total_q);
+  set_shape_and_options(p, ap, q, padded_dim, batch, max_seqlen_q, max_seqlen_k, heads_q, heads_kv);
+  set_grad_params(p, dout, dq, dk, dv);
+  run_backward(op, p, q, lse.numel(), deterministic);
+  return finish_grads(dq, dk, dv, head_dim, false);
 }
 
 // Decoding from a KV cache: new keys are appended in place first, then the

@@ -1,0 +1,4 @@
+// One backward instantiation per file: see bwd_sm80.h.
+#include "kernels/bwd_launch_sm80.cuh"
+
+template struct gqa::kernels::BwdSm80<cutlass::bfloat16_t, 256>;
