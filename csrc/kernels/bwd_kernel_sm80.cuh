@@ -115,23 +115,25 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
       cp_async_16(&s_tile(r, load_chunk * 8), valid ? base + int64_t(key0 + r) * row_stride : base, valid);
     }
   };
-  // Q and dO rows of step t. Their sequence's offsets are recomputed from
-  // opaque copies at each step rather than kept live across the loop, in
-  // registers that dK and dV need.
+  // Q and dO rows of step t. Their sequence's offsets and this thread's
+  // place in the tile are recomputed from opaque copies at each step rather
+  // than kept live across the loop, in registers that dK and dV need.
   auto load_q_do = [&](int t) {
     const int head = step_head(t);
     const int pos0 = step_block(t) * kBlockM;
     const int64_t seq = varlen ? opaque(q_start) : opaque(batch);
-    const Element* q_head = static_cast<const Element*>(p.q) + load_chunk * 8 + head * p.q_head_stride +
+    const int tid_t = opaque(tid);
+    const int chunk = tid_t % kChunksPerRow, row = tid_t / kChunksPerRow;
+    const Element* q_head = static_cast<const Element*>(p.q) + chunk * 8 + head * p.q_head_stride +
                             seq * (varlen ? p.q_row_stride : p.q_batch_stride);
-    const Element* do_head = static_cast<const Element*>(p.dout) + load_chunk * 8 + head * p.do_head_stride +
+    const Element* do_head = static_cast<const Element*>(p.dout) + chunk * 8 + head * p.do_head_stride +
                              seq * (varlen ? p.do_row_stride : p.do_batch_stride);
 #pragma unroll 1
     for (int i = 0; i < kBlockM / kRowsPerPass; ++i) {
-      const int r = load_row + i * kRowsPerPass;
-      const bool valid = pos0 + r < seqlen_q && chunk_valid;
-      cp_async_16(&sQ(r, load_chunk * 8), valid ? q_head + int64_t(pos0 + r) * p.q_row_stride : q_head, valid);
-      cp_async_16(&sdO(r, load_chunk * 8), valid ? do_head + int64_t(pos0 + r) * p.do_row_stride : do_head, valid);
+      const int r = row + i * kRowsPerPass;
+      const bool valid = pos0 + r < seqlen_q && chunk * 8 < p.head_dim;
+      cp_async_16(&sQ(r, chunk * 8), valid ? q_head + int64_t(pos0 + r) * p.q_row_stride : q_head, valid);
+      cp_async_16(&sdO(r, chunk * 8), valid ? do_head + int64_t(pos0 + r) * p.do_row_stride : do_head, valid);
     }
   };
 
@@ -154,10 +156,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
   auto thr_copy_pds = copy_pds.get_thread_slice(tid);
   Tensor tPsP = thr_copy_pds.partition_D(sP);
   Tensor tdSsdS = thr_copy_pds.partition_D(sdS);
-  // Coordinates (row, key) of every S/dP accumulator element.
-  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  // Coordinates (row, key) of every S/dP accumulator element. They derive
+  // from the thread index, and are recomputed from an opaque copy of it at
+  // each use rather than held across the loop: held, they spilled.
+  auto coords_sdp = [&] {
+    Tensor c = mma_sdp.get_thread_slice(opaque(tid)).partition_C(
+        make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    return make_tensor(c.data(), acc_rowcol(c.layout()));
+  };
+  constexpr int kRows = decltype(size<0>(coords_sdp()))::value;
   constexpr int kMmaM = decltype(size<1>(tSrQ))::value;
 
   // dV and dK.
@@ -190,7 +197,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
   auto copy_dq_b = make_tiled_copy_B(typename Traits::Atoms::SmemCopyAtomTransposed{}, mma_dq);
   auto thr_copy_dq_b = copy_dq_b.get_thread_slice(tid);
   Tensor tdQsKt = thr_copy_dq_b.partition_S(sKt);
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   constexpr int kMmaM_dq = decltype(size<1>(tdQrdS))::value;
 
   // Scores go to the log2 domain: s * scale * log2(e), or with softcap c:
@@ -240,6 +246,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor rW = make_tensor<Element>(acc_s.layout());
     Tensor w = make_tensor(rW.data(), acc_rowcol(rW.layout()));
+    const auto tScS_rc = coords_sdp();
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const int pos = pos0 + get<0>(tScS_rc(i, 0));
@@ -273,9 +280,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
     gemm_smem_smem(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, copy_sdp_a, copy_sdp_b, thr_copy_sdp_a,
                    thr_copy_sdp_b, kMmaM);
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    const auto tdPcdP_rc = coords_sdp();
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      const int pos = pos0 + get<0>(tScS_rc(i, 0));
+      const int pos = pos0 + get<0>(tdPcdP_rc(i, 0));
       const float dsum = pos < seqlen_q ? p.dsum[row_index(head, pos)] : 0.f;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(dp); ++j) dp(i, j) = float(w(i, j)) * (dp(i, j) - dsum);
@@ -312,6 +320,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) gqa_bwd_sm80_kernel(const _
       __syncthreads();
     }
     float* dq_rows = p.dq_accum + row_index(head, pos0) * p.head_dim;
+    Tensor tdQcdQ = mma_dq.get_thread_slice(opaque(tid)).partition_C(
+        make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int r = get<0>(tdQcdQ(i));
