@@ -64,13 +64,26 @@ struct PrefetchRows {
 
   // Row j of K (during the scores) or of V (during P V), so that the
   // requests are spread over the work rather than issued in bursts.
-  void k_row(int64_t j) const { row(k + j * k_stride, j); }
-  void v_row(int64_t j) const { row(v + j * v_stride, j); }
+  void k_row(int64_t j) const { row(k + j * k_stride, j, 0); }
+  void v_row(int64_t j) const { row(v + j * v_stride, j, 0); }
+
+  // Whether P V prefetches V a line at a time rather than a row at a time
+  // (see pv_block): for rows longer than four lines.
+  bool v_by_lines() const { return n > 0 && row_bytes > 256; }
+  // V row j, or `other` (a row in use) where there is none, so that the
+  // loop prefetching it needs no test.
+  const char* v_row_or(int64_t j, const void* other) const {
+    return j < n ? v + j * v_stride : static_cast<const char*>(other);
+  }
+  // What P V left: bytes [done, row_bytes) of V rows [0, nk), and rows [nk, n).
+  void v_rest(int64_t nk, int64_t done) const {
+    for (int64_t j = 0; j < n; ++j) row(v + j * v_stride, j, j < nk ? (done + 63) / 64 * 64 : 0);
+  }
 
  private:
-  void row(const char* p, int64_t j) const {
+  void row(const char* p, int64_t j, int64_t from) const {
     if (j >= n) return;
-    for (int64_t off = 0; off < row_bytes; off += 64) prefetch_l2(p + off);
+    for (int64_t off = from; off < row_bytes; off += 64) prefetch_l2(p + off);
   }
 };
 
@@ -229,20 +242,34 @@ void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk
 }
 
 // acc_r[0:D] += sum_j p[r * kChunk + j] * v_j for NR rows (acc rows D apart)
-// and nk value rows (vss apart); also prefetches pf's V rows. Columns go in blocks of two vectors so that
+// and nk value rows (vss apart). Columns go in blocks of two vectors so that
 // the NR x 2 accumulators stay in registers across the keys.
+//
+// Also prefetches pf's V rows. Long rows go a line per key in each column
+// block that starts a line, at the offset being read, so that the requests
+// spread over the work; short rows go whole, in the first column block. From
+// memory, whole fp32 rows of 128 (eight lines a key in one column block) ran
+// 5 to 15% slower than lines (llama3-8b and qwen2.5-7b decode, 4096 keys);
+// for bfloat16 rows (four lines) lines were no faster, and slower for qwen's
+// group of 7, which runs out of instructions before memory.
 template <int NR, typename T>
 void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, int64_t D,
               const PrefetchRows& pf) {
-  int64_t d = 0;
-  for (; d + 2 * kVS <= D; d += 2 * kVS) {
+  constexpr int64_t es = sizeof(T);
+  enum Prefetch { kNone, kLine, kWhole };
+  const bool by_lines = pf.v_by_lines();
+  const char* pf_rows[kChunk];
+  if (by_lines)
+    for (int64_t j = 0; j < nk; ++j) pf_rows[j] = pf.v_row_or(j, v + j * vss);
+  const auto col_block = [&](int64_t d, auto prefetch) {
     Vec a0[NR], a1[NR];
     for (int r = 0; r < NR; ++r) {
       a0[r] = Vec::loadu(acc + r * D + d);
       a1[r] = Vec::loadu(acc + r * D + d + kVS);
     }
     for (int64_t j = 0; j < nk; ++j) {
-      if (d == 0) pf.v_row(j);
+      if constexpr (prefetch == kLine) prefetch_l2(pf_rows[j] + d * es);
+      if constexpr (prefetch == kWhole) pf.v_row(j);
       Vec v0, v1;
       load_pair(v + j * vss + d, v0, v1);
       for (int r = 0; r < NR; ++r) {
@@ -255,7 +282,18 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
       a0[r].store(acc + r * D + d);
       a1[r].store(acc + r * D + d + kVS);
     }
+  };
+  int64_t d = 0;
+  for (; d + 2 * kVS <= D; d += 2 * kVS) {
+    if (by_lines && d * es % 64 == 0) {
+      col_block(d, std::integral_constant<Prefetch, kLine>{});
+    } else if (!by_lines && d == 0 && pf.n > 0) {
+      col_block(d, std::integral_constant<Prefetch, kWhole>{});
+    } else {
+      col_block(d, std::integral_constant<Prefetch, kNone>{});
+    }
   }
+  const int64_t blocks_end = d;  // the column blocks above read (and prefetched) up to here
   if constexpr (!std::is_same_v<T, Bf16Pairs>) {  // Bf16Pairs: D is a multiple of 16
     for (; d + kVS <= D; d += kVS) {
       Vec a[NR];
@@ -273,7 +311,7 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
         acc[r * D + d] = x;
       }
   }
-  for (int64_t j = D < 2 * kVS ? 0 : nk; j < pf.n; ++j) pf.v_row(j);
+  pf.v_rest(nk, by_lines ? blocks_end * es : blocks_end > 0 ? pf.row_bytes : 0);
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
