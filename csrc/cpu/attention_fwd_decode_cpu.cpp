@@ -32,6 +32,9 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVS = Vec::size();
 // Query rows sharing each K/V load; their accumulators fill most registers.
 constexpr int kRowBlock = 4;
+// Groups of up to this many query heads take one row block in the scores
+// (dot_key_wide), rather than blocks of 4 and the rest.
+constexpr int kMaxRowBlock = 7;
 // Keys per chunk. A task reads a chunk's rows for every KV head before the
 // next chunk, so in the (B, S, H, D) layout a chunk is one contiguous block;
 // with 32-key chunks (rows 32 pages apart per head) the same reads ran about
@@ -224,19 +227,79 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
   }
 }
 
+// q_r . k for NR = 5 to 7 query rows and one key, into s[r * kChunk]. Two
+// accumulators a row (columns 0-7 and 8-15 of each 16, or the even and odd
+// ones for Bf16Pairs) make 2 NR <= 14 independent FMA chains, and the query
+// vectors are FMA memory operands, so that the accumulators and one K load
+// fill the 16 registers. Against blocks of 4 and NR - 4 rows, each with key
+// pairs, a K vector is loaded and widened once per key rather than twice.
+template <int NR, typename T>
+inline void dot_key_wide(const float* q, int64_t D, const T* k, float* s) {
+  static_assert(NR > kRowBlock && NR <= kMaxRowBlock);
+  const int64_t Dv = D - D % kVS;
+  Vec a[NR], b[NR];
+  for (int r = 0; r < NR; ++r) a[r] = b[r] = Vec(0.f);
+  int64_t d = 0;
+  for (; d + 2 * kVS <= D; d += 2 * kVS) {
+    Vec lo, hi;
+    load_pair(k + d, lo, hi);
+    for (int r = 0; r < NR; ++r) {
+      a[r] = at::vec::fmadd(Vec::loadu(q + r * D + d), lo, a[r]);
+      b[r] = at::vec::fmadd(Vec::loadu(q + r * D + d + kVS), hi, b[r]);
+    }
+  }
+  if constexpr (!std::is_same_v<T, Bf16Pairs>) {
+    for (; d < Dv; d += kVS) {
+      const Vec kv = load_f32(k + d);
+      for (int r = 0; r < NR; ++r) a[r] = at::vec::fmadd(Vec::loadu(q + r * D + d), kv, a[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) a[r] = a[r] + b[r];
+  alignas(64) float t[kVS];
+#if defined(CPU_CAPABILITY_AVX2)
+  // The NR sums in one vector, as in dot_keys: a tree of horizontal adds
+  // over 8 vectors (the missing rows zero), then the 128-bit halves added.
+  Vec x[8];
+  for (int r = 0; r < 8; ++r) x[r] = r < NR ? a[r] : Vec(0.f);
+  const __m256 h0 = _mm256_hadd_ps(x[0], x[1]), h1 = _mm256_hadd_ps(x[2], x[3]);
+  const __m256 h2 = _mm256_hadd_ps(x[4], x[5]), h3 = _mm256_hadd_ps(x[6], x[7]);
+  const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);
+  _mm256_store_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31)));
+#else
+  alignas(64) float lanes[kVS];
+  for (int r = 0; r < NR; ++r) {
+    a[r].store(lanes);
+    t[r] = 0.f;
+    for (int64_t i = 0; i < kVS; ++i) t[r] += lanes[i];
+  }
+#endif
+  for (int r = 0; r < NR; ++r) s[r * kChunk] = t[r];
+  if (!std::is_same_v<T, Bf16Pairs> && Dv < D) {  // head dims off the vector width
+    for (int r = 0; r < NR; ++r)
+      for (int64_t d = Dv; d < D; ++d) s[r * kChunk] += q[r * D + d] * static_cast<float>(k[d]);
+  }
+}
+
 // Also prefetches pf's K rows, one per key.
 template <int NR, typename T>
 void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk, float* s,
                   const PrefetchRows& pf) {
   int64_t j = 0;
-  for (; j + 2 <= nk; j += 2) {
-    pf.k_row(j);
-    pf.k_row(j + 1);
-    dot_keys<NR, 2>(q, D, k + j * kss, kss, s + j);
-  }
-  if (j < nk) {
-    pf.k_row(j++);
-    dot_keys<NR, 1>(q, D, k + (nk - 1) * kss, kss, s + nk - 1);
+  if constexpr (NR > kRowBlock) {
+    for (; j < nk; ++j) {
+      pf.k_row(j);
+      dot_key_wide<NR>(q, D, k + j * kss, s + j);
+    }
+  } else {
+    for (; j + 2 <= nk; j += 2) {
+      pf.k_row(j);
+      pf.k_row(j + 1);
+      dot_keys<NR, 2>(q, D, k + j * kss, kss, s + j);
+    }
+    if (j < nk) {
+      pf.k_row(j++);
+      dot_keys<NR, 1>(q, D, k + (nk - 1) * kss, kss, s + nk - 1);
+    }
   }
   for (; j < pf.n; ++j) pf.k_row(j);
 }
@@ -314,6 +377,19 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
   pf.v_rest(nk, by_lines ? blocks_end * es : blocks_end > 0 ? pf.row_bytes : 0);
 }
 
+// P V for NR rows, in blocks of at most kRowBlock, whose 2 NR accumulators
+// fill the registers; the first block prefetches.
+template <int NR, typename T>
+void pv_rows(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, int64_t D,
+             const PrefetchRows& pf) {
+  if constexpr (NR > kRowBlock) {
+    pv_block<kRowBlock>(p, v, vss, nk, acc, D, pf);
+    pv_block<NR - kRowBlock>(p + kRowBlock * kChunk, v, vss, nk, acc + kRowBlock * D, D, PrefetchRows{});
+  } else {
+    pv_block<NR>(p, v, vss, nk, acc, D, pf);
+  }
+}
+
 #if defined(CPU_CAPABILITY_AVX2)
 inline float hmax8(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -350,7 +426,7 @@ inline void softmax_chunk_vec(float* s, float scale, float* acc, int64_t D, floa
 }
 #endif
 
-// One block of nr <= kRowBlock query rows against keys [c0, c0 + nk): scores,
+// One block of nr <= kMaxRowBlock query rows against keys [c0, c0 + nk): scores,
 // the online-softmax update of the rows' max m and sum l, then P V into acc.
 template <int NR, typename T>
 void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk, int64_t D,
@@ -359,7 +435,7 @@ void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t v
 #if defined(CPU_CAPABILITY_AVX2)
   if (nk == kChunk && cap == 0) {
     softmax_chunk_vec<NR>(s, scale, acc, D, m, l);
-    return pv_block<NR>(s, v, vss, nk, acc, D, pf);
+    return pv_rows<NR>(s, v, vss, nk, acc, D, pf);
   }
 #endif
   for (int r = 0; r < NR; ++r) {
@@ -374,19 +450,22 @@ void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t v
     }
     l[r] += l_new;
   }
-  pv_block<NR>(s, v, vss, nk, acc, D, pf);
+  pv_rows<NR>(s, v, vss, nk, acc, D, pf);
 }
 
 template <typename T>
 void attend_rows(int64_t nr, const float* q, const T* k, int64_t kss, const T* v, int64_t vss, int64_t nk,
                  int64_t D, float scale, float cap, float* s, float* acc, float* m, float* l,
                  const PrefetchRows& pf) {
-  static_assert(kRowBlock == 4);
+  static_assert(kRowBlock == 4 && kMaxRowBlock == 7);
   switch (nr) {
     case 1: return attend_block<1>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
     case 2: return attend_block<2>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
     case 3: return attend_block<3>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
-    default: return attend_block<4>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    case 4: return attend_block<4>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    case 5: return attend_block<5>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    case 6: return attend_block<6>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
+    default: return attend_block<7>(q, k, kss, v, vss, nk, D, scale, cap, s, acc, m, l, pf);
   }
 }
 
@@ -465,6 +544,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     return SeqRows<scalar_t>{vp + (seqs.cu_seqlens_k ? seqs.cu_seqlens_k[b] * vss : b * vsb), vss};
   };
 
+  // Query rows per attend_rows call: a whole group of up to kMaxRowBlock
+  // heads, else blocks of kRowBlock.
+  const int64_t row_block = G <= kMaxRowBlock ? G : kRowBlock;
+
   // A task's rows: (KV head, query position, head of the group), so that each
   // position's G rows are adjacent and share one key range.
   const int64_t max_rows = Hkv * Sq * G;
@@ -497,7 +580,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   };
 
   at::parallel_for(0, B * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_buf(max_rows * D), acc(max_rows * D), m(max_rows), l(max_rows), s(kRowBlock * kChunk);
+    std::vector<float> q_buf(max_rows * D), acc(max_rows * D), m(max_rows), l(max_rows), s(kMaxRowBlock * kChunk);
     std::vector<KeyRange> ranges(Sq);
     for (int64_t work = begin; work < end; ++work) {
       const int64_t b = work / n_splits, split = work % n_splits;
@@ -543,9 +626,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           for (int64_t i = 0; i < sq; ++i) {
             const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
             if (c0 > c1) continue;  // none of these keys is visible to position i
-            for (int64_t g0 = 0; g0 < G; g0 += kRowBlock) {
+            for (int64_t g0 = 0; g0 < G; g0 += row_block) {
               const int64_t r0 = (hkv * sq + i) * G + g0;
-              attend_rows(std::min<int64_t>(kRowBlock, G - g0), q_buf.data() + r0 * D,
+              attend_rows(std::min<int64_t>(row_block, G - g0), q_buf.data() + r0 * D,
                           reinterpret_cast<const T*>(kh + (c0 - j0) * kss), kss,
                           reinterpret_cast<const T*>(vh + (c0 - j0) * vss), vss, c1 - c0 + 1, D, scale, cap,
                           s.data(), acc.data() + r0 * D, m.data() + r0, l.data() + r0, pf);
