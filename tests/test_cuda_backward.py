@@ -51,7 +51,16 @@ from test_cuda_forward import (  # importing it applies its module-level skip an
     make_inputs,
     reset_dynamo,  # noqa: F401  (a fixture)
 )
-from test_varlen import BACKWARD_LENGTHS, LENGTH_CASES, Varlen, forward_varlen, make_varlen
+from test_varlen import (
+    BACKWARD_LENGTHS,
+    EMPTY_SEQUENCE_LENGTHS,
+    EMPTY_SEQUENCE_OPTIONS,
+    LENGTH_CASES,
+    Varlen,
+    assert_empty_sequence_gradients,
+    forward_varlen,
+    make_varlen,
+)
 from test_varlen import leaves as varlen_leaves
 
 import gqa_ext
@@ -630,19 +639,8 @@ def test_cuda_backward_varlen_noncontiguous_inputs(dtype, kind):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_cuda_backward_varlen_empty_sequences_give_zero_gradients(dtype):
-    # Causal with a window of 3: query i of a sequence sees keys
-    # [i + Sk - Sq - 3, i + Sk - Sq]. Sequence 1 has queries but no keys,
-    # sequence 2 keys but no queries; sequence 3 (9 queries, 7 keys): queries
-    # 0, 1 see no key; sequence 4 (3 queries, 9 keys): keys 0-2 are seen by none.
-    x = make_varlen([4, 3, 0, 9, 3], [6, 0, 5, 7, 9], 8, 2, 64, dtype, device=DEVICE)
-    dq, dk, dv = check_varlen_backward(x, causal=True, window_left=3)
-    assert (dq[4:7] == 0).all() and (dq[7:9] == 0).all()
-    assert (dk[6:11] == 0).all() and (dv[6:11] == 0).all()
-    assert (dk[18:21] == 0).all() and (dv[18:21] == 0).all()
-    seen_by_two = torch.cat([torch.arange(0, 4), torch.arange(10, 19)])
-    assert (dq[seen_by_two].abs().sum(dim=-1) > 0).all()
-    seen = torch.cat([torch.arange(0, 6), torch.arange(11, 18), torch.arange(21, 27)])
-    assert (dv[seen].abs().sum(dim=-1) > 0).all() and (dk[seen].abs().sum(dim=-1) > 0).all()
+    x = make_varlen(*EMPTY_SEQUENCE_LENGTHS, 8, 2, 64, dtype, device=DEVICE)
+    assert_empty_sequence_gradients(*check_varlen_backward(x, **EMPTY_SEQUENCE_OPTIONS))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

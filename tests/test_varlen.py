@@ -357,13 +357,17 @@ def test_varlen_backward_thread_counts(threads, num_threads):
     check_varlen_backward(x, window_left=100, window_right=30)
 
 
-def test_varlen_backward_empty_sequences_give_zero_gradients():
-    # Causal with a window of 3: query i of a sequence sees keys
-    # [i + Sk - Sq - 3, i + Sk - Sq]. Sequence 1 has queries but no keys,
-    # sequence 2 keys but no queries; sequence 3 (9 queries, 7 keys): queries
-    # 0, 1 see no key; sequence 4 (3 queries, 9 keys): keys 0-2 are seen by none.
-    x = make_varlen([4, 3, 0, 9, 3], [6, 0, 5, 7, 9], 8, 2, 32)
-    dq, dk, dv = check_varlen_backward(x, causal=True, window_left=3)
+# Lengths (queries, keys) for the empty-sequence gradient tests, run causal
+# with a window of 3: query i of a sequence sees keys [i + Sk - Sq - 3,
+# i + Sk - Sq]. Sequence 1 has queries but no keys, sequence 2 keys but no
+# queries; sequence 3 (9 queries, 7 keys): queries 0, 1 see no key; sequence 4
+# (3 queries, 9 keys): keys 0-2 are seen by none.
+EMPTY_SEQUENCE_LENGTHS = ([4, 3, 0, 9, 3], [6, 0, 5, 7, 9])
+EMPTY_SEQUENCE_OPTIONS = {"causal": True, "window_left": 3}
+
+
+def assert_empty_sequence_gradients(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Zero gradients exactly where EMPTY_SEQUENCE_LENGTHS leaves rows unseen, and nonzero ones elsewhere."""
     assert (dq[4:7] == 0).all() and (dq[7:9] == 0).all()
     assert (dk[6:11] == 0).all() and (dv[6:11] == 0).all()
     assert (dk[18:21] == 0).all() and (dv[18:21] == 0).all()
@@ -372,6 +376,11 @@ def test_varlen_backward_empty_sequences_give_zero_gradients():
     assert (dq[seen_by_two].abs().sum(dim=-1) > 0).all()
     seen = torch.cat([torch.arange(0, 6), torch.arange(11, 18), torch.arange(21, 27)])
     assert (dv[seen].abs().sum(dim=-1) > 0).all() and (dk[seen].abs().sum(dim=-1) > 0).all()
+
+
+def test_varlen_backward_empty_sequences_give_zero_gradients():
+    x = make_varlen(*EMPTY_SEQUENCE_LENGTHS, 8, 2, 32)
+    assert_empty_sequence_gradients(*check_varlen_backward(x, **EMPTY_SEQUENCE_OPTIONS))
 
 
 def test_varlen_backward_noncontiguous_inputs():
