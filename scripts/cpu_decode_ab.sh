@@ -9,6 +9,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 rev=${1:?usage: $0 REV [HQ HKV L DTYPE [ROUNDS [THREADS]]]}
 shift
+if [ $# -gt 6 ] && [ $(($# % 6)) -ne 0 ]; then
+  echo "$0: several cases take six fields each (HQ HKV L DTYPE ROUNDS THREADS)" >&2
+  exit 2
+fi
 python=${PYTHON:-python}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -23,11 +27,11 @@ abi=$("$python" -c 'import torch; print(int(torch.compiled_with_cxx11_abi()))')
 if [ $# -eq 0 ]; then
   set -- 32 8 4096 fp32 15 2 32 8 4096 bf16 15 2 28 4 4096 fp32 15 2 28 4 4096 bf16 15 2
 fi
-# Cases of six fields each, or one case of four to six.
+# One case of four to six fields, or several of six each.
 if [ $# -le 6 ]; then
   "$work/ab" "$@"
 else
-  while [ $# -ge 6 ]; do
+  while [ $# -gt 0 ]; do
     "$work/ab" "$1" "$2" "$3" "$4" "$5" "$6"
     shift 6
   done
