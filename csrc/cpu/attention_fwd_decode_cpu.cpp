@@ -200,8 +200,8 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
     for (int c = 0; c < NK; ++c) load_pair(k + c * kss + d, lo[c], hi[c]);
     for (int r = 0; r < NR; ++r) {
       Vec q_lo = Vec::loadu(q + r * D + d), q_hi = Vec::loadu(q + r * D + d + kVS);
-      // Loaded once for the NK keys. Not for fp32: there it measured no
-      // faster, its K pairs already holding four registers more.
+      // Loaded once for the NK keys. Not for fp32, where it measured no
+      // faster (llama3-8b and qwen2.5-7b decode, 1.03 and 1.01 times the time).
       if constexpr (NK > 1 && std::is_same_v<T, Bf16Pairs>) pin(q_lo), pin(q_hi);
       for (int c = 0; c < NK; ++c) a[r][c] = at::vec::fmadd(q_hi, hi[c], at::vec::fmadd(q_lo, lo[c], a[r][c]));
     }
@@ -571,6 +571,18 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // heads, else blocks of kRowBlock.
   const int64_t row_block = G <= kMaxRowBlock ? G : kRowBlock;
 
+  // What each head-chunk prefetches. Where the rows of all KV heads lie
+  // back to back (the (B, S, H, D) layout, dense, packed or paged: then a
+  // chunk's K, and its V, is one block of memory), the next chunk's two
+  // blocks are cut into 2 Hkv equal slices, K's then V's, and head hkv
+  // takes slices 2 hkv and 2 hkv + 1: memory is read a chunk ahead, in
+  // address order. Otherwise each head-chunk prefetches the next one's
+  // rows, a whole (Hkv, D) row apart. Against the next head's rows, blocks
+  // made bfloat16 llama3-8b decode from memory 9 to 15% faster, but fp32
+  // (512-byte rows) 10 to 26% slower, so long rows keep the next head's.
+  const bool prefetch_blocks = ksh == D && kss == Hkv * D && vsh == D && vss == Hkv * D &&
+                               D * int64_t(sizeof(scalar_t)) <= kBlockPrefetchMaxRowBytes;
+
   // A task's rows: (KV head, query position, head of the group), so that each
   // position's G rows are adjacent and share one key range.
   const int64_t max_rows = Hkv * Sq * G;
@@ -623,17 +635,6 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       fill(acc.data(), n_rows * D, 0.f);
 
       const SeqRows<scalar_t> kr = k_rows(b), vr = v_rows(b);
-      // What each head-chunk prefetches. Where the rows of all KV heads lie
-      // back to back (the (B, S, H, D) layout, dense, packed or paged: then a
-      // chunk's K, and its V, is one block of memory), the next chunk's two
-      // blocks are cut into 2 Hkv equal slices, K's then V's, and head hkv
-      // takes slices 2 hkv and 2 hkv + 1: memory is read a chunk ahead, in
-      // address order. Otherwise each head-chunk prefetches the next one's
-      // rows, a whole (Hkv, D) row apart. Against the next head's rows, blocks
-      // made bfloat16 llama3-8b decode from memory 9 to 15% faster, but fp32
-      // (512-byte rows) 10 to 26% slower, so long rows keep the next head's.
-      const bool prefetch_blocks = ksh == D && kss == Hkv * D && vsh == D && vss == Hkv * D &&
-                                   D * int64_t(sizeof(scalar_t)) <= kBlockPrefetchMaxRowBytes;
       // Chunks of kChunk keys, cut at page ends: the rows of a chunk lie
       // kss apart.
       const auto chunk_end = [&](int64_t j0) { return std::min({j0 + kChunk, j_end, kr.run_end(j0)}); };
