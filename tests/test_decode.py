@@ -1,9 +1,9 @@
 """The CPU forward on decode shapes: a few query rows (Sq * G <= 16) per KV head.
 
 These run the streaming decode kernel (csrc/cpu/attention_fwd_decode_cpu.cpp)
-rather than the tile-GEMM one: key ranges split across threads, keys in
-chunks of 8, query rows in register blocks of 4, head dims in blocks of two
-vectors plus tails. Sizes are chosen to end off every one of those multiples.
+rather than the tile-GEMM one: key ranges split into tasks that the threads
+claim from a queue, keys in chunks of 8, query rows in register blocks of 4,
+head dims in blocks of two vectors plus tails. Sizes are chosen to end off every one of those multiples.
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def test_decode_thread_counts_and_splits(batch, threads, num_threads):
     num_threads(threads)
     q, k, v = make_qkv(batch, 1, 2100, 16, 4, 128, torch.bfloat16)
     out, lse = check_forward(q, k, v, softcap=10.0)
-    # The splits are merged in split order: repeatable to the bit.
-    out2, lse2 = torch.ops.gqa.forward(q, k, v, softcap=10.0)
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    # The splits are merged in split order, whichever thread claimed each:
+    # repeatable to the bit.
+    for _ in range(4):
+        out2, lse2 = torch.ops.gqa.forward(q, k, v, softcap=10.0)
+        assert torch.equal(out, out2) and torch.equal(lse, lse2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

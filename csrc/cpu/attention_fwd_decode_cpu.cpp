@@ -9,7 +9,8 @@
 // stream. Each K and V row is loaded once and used by a block of query rows
 // of its group held in registers (dot products for the scores, broadcast
 // FMAs for P V). A sequence's key range is split across tasks when there are
-// fewer sequences than threads, and the splits are merged in split order.
+// too few sequences for the threads to balance their loads; threads claim
+// tasks from a queue, and the splits are merged in split order.
 #include "cpu/attention_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -20,6 +21,8 @@
 #include <immintrin.h>
 #endif
 
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "cpu/tile_ops.h"
@@ -40,6 +43,11 @@ constexpr int kMaxRowBlock = 7;
 // with 32-key chunks (rows 32 pages apart per head) the same reads ran about
 // 40% slower on the test machine.
 constexpr int64_t kChunk = 8;
+// Tasks per thread: claimed from a queue, enough that a thread running
+// slower than the others takes fewer.
+constexpr int64_t kTasksPerThread = 8;
+// Query rows per merge task.
+constexpr int64_t kMergeGrain = 8;
 // The fewest keys worth a split of its own: below this the merge costs more
 // than the parallelism gains.
 constexpr int64_t kMinSplitKeys = 256;
@@ -509,6 +517,9 @@ struct SeqRows {
   int64_t run_end(int64_t j) const {
     return blocks == nullptr ? std::numeric_limits<int64_t>::max() : (j / block_size + 1) * block_size;
   }
+  // The end of the chunk of keys from j on, in a task ending at j_end: at
+  // most kChunk keys, cut at page ends so that its rows lie row_stride apart.
+  int64_t chunk_end(int64_t j, int64_t j_end) const { return std::min({j + kChunk, j_end, run_end(j)}); }
 };
 
 // Sequence b's place in the tensors, from a SeqLayout.
@@ -587,66 +598,103 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // position's G rows are adjacent and share one key range.
   const int64_t max_rows = Hkv * Sq * G;
 
-  // Enough tasks to keep every thread busy (4 per thread, for balance), but
-  // no split shorter than kMinSplitKeys; or what the caller asked for.
+  // Enough tasks for the threads to balance their loads (kTasksPerThread
+  // each), but no split shorter than kMinSplitKeys; or what the caller asked for.
   const int64_t n_threads = at::get_num_threads();
-  const int64_t want = B >= 4 * n_threads ? 1 : (4 * n_threads + B - 1) / B;
+  const int64_t want_tasks = kTasksPerThread * n_threads;
+  const int64_t want = B >= want_tasks ? 1 : (want_tasks + B - 1) / B;
   const int64_t n_splits = seqs.num_splits > 0
                                ? std::min<int64_t>(seqs.num_splits, std::max<int64_t>(1, max_keys))
                                : std::clamp<int64_t>(want, 1, std::max<int64_t>(1, max_keys / kMinSplitKeys));
-  std::vector<float> part_acc, part_m, part_l;  // (batch, split, row[, D])
+  const int64_t n_tasks = B * n_splits;
+  // (batch, split, row[, D]); every element read is written first.
+  std::unique_ptr<float[]> part_acc, part_m, part_l;
   if (n_splits > 1) {
-    part_acc.resize(B * n_splits * max_rows * D);
-    part_m.resize(B * n_splits * max_rows);
-    part_l.resize(B * n_splits * max_rows);
+    part_acc = std::make_unique_for_overwrite<float[]>(n_tasks * max_rows * D);
+    part_m = std::make_unique_for_overwrite<float[]>(n_tasks * max_rows);
+    part_l = std::make_unique_for_overwrite<float[]>(n_tasks * max_rows);
   }
+
+  // The keys of task `work`: a split of sequence b.
+  struct Task {
+    int64_t b, j_begin, j_end;
+  };
+  const auto task = [&](int64_t work) {
+    const int64_t b = work / n_splits, split = work % n_splits;
+    const SeqInfo& si = info[b];
+    if (si.seqlen_q == 0) return Task{b, 0, 0};
+    return Task{b, si.k_lo + split * si.n_keys / n_splits, si.k_lo + (split + 1) * si.n_keys / n_splits};
+  };
+  // The chunk after the current one: its first row of K and of V (KV head
+  // 0) and its length; in a task's last chunk, the next task's first.
+  struct NextChunk {
+    const scalar_t* k = nullptr;
+    const scalar_t* v = nullptr;
+    int64_t n = 0;
+  };
 
   // T is how K/V rows are read: scalar_t, or Bf16Pairs.
   const auto run = [&](auto row_type) {
     using T = decltype(row_type);
-    const auto write_rows = [&](int64_t b, float* acc, const float* m, const float* l) {
+    // Row r of sequence b, from its accumulator (in the order the kernel
+    // keeps rows), max and sum.
+    const auto write_row = [&](int64_t b, int64_t r, float* acc_row, float m, float l) {
       const SeqInfo& s = info[b];
-      for (int64_t r = 0; r < Hkv * s.seqlen_q * G; ++r) {
-        const int64_t g = r % G, i = r / G % s.seqlen_q, h = r / (G * s.seqlen_q) * G + g;
-        const int64_t lse_idx = packed_q ? h * Tq + s.q_row0 + i : (b * Hq + h) * Sq + i;
-        restore_order<T>(acc + r * D, D);
-        lsep[lse_idx] = finish_row(acc + r * D, m[r], l[r], D, op + ((s.q_row0 + i) * Hq + h) * D);
-      }
-  };
+      const int64_t g = r % G, i = r / G % s.seqlen_q, h = r / (G * s.seqlen_q) * G + g;
+      const int64_t lse_idx = packed_q ? h * Tq + s.q_row0 + i : (b * Hq + h) * Sq + i;
+      restore_order<T>(acc_row, D);
+      lsep[lse_idx] = finish_row(acc_row, m, l, D, op + ((s.q_row0 + i) * Hq + h) * D);
+    };
 
-  at::parallel_for(0, B * n_splits, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are claimed in order from a shared counter, not dealt out in equal
+  // shares: the call takes as long as its slowest thread, and on the test
+  // machine one core often ran 5 to 20% slower than the other for seconds
+  // at a time. A thread claims its next task as it starts the last chunk of
+  // the current one, early enough to prefetch that task's first chunk and
+  // late enough to leave the rest of the queue to whichever thread is free.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min(n_threads, n_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> q_buf(max_rows * D), acc(max_rows * D), m(max_rows), l(max_rows), s(kMaxRowBlock * kChunk);
     std::vector<KeyRange> ranges(Sq);
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t b = work / n_splits, split = work % n_splits;
+    int64_t q_b = -1;  // the sequence whose query rows q_buf and ranges hold
+    for (int64_t work = next_task.fetch_add(1); work < n_tasks;) {
+      const auto [b, j_begin, j_end] = task(work);
       const SeqInfo& si = info[b];
       const int64_t sq = si.seqlen_q, n_rows = Hkv * sq * G;
-      if (sq == 0) continue;
-      const int64_t j_begin = si.k_lo + split * si.n_keys / n_splits;
-      const int64_t j_end = si.k_lo + (split + 1) * si.n_keys / n_splits;
-      const scalar_t* qb = qp + (packed_q ? si.q_row0 * qss : b * qsb);
-      for (int64_t r = 0; r < n_rows; ++r) {
-        const int64_t g = r % G, i = r / G % sq, h = r / (G * sq) * G + g;
-        load_row<T>(qb + i * qss + h * qsh, D, q_buf.data() + r * D);
+      if (b != q_b && sq > 0) {
+        const scalar_t* qb = qp + (packed_q ? si.q_row0 * qss : b * qsb);
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const int64_t g = r % G, i = r / G % sq, h = r / (G * sq) * G + g;
+          load_row<T>(qb + i * qss + h * qsh, D, q_buf.data() + r * D);
+        }
+        for (int64_t i = 0; i < sq; ++i) ranges[i] = visible_keys(i, sq, si.seqlen_k, p);
+        q_b = b;
       }
-      for (int64_t i = 0; i < sq; ++i) ranges[i] = visible_keys(i, sq, si.seqlen_k, p);
       fill(m.data(), n_rows, -std::numeric_limits<float>::infinity());
       fill(l.data(), n_rows, 0.f);
       fill(acc.data(), n_rows * D, 0.f);
 
+      int64_t claimed = -1;  // the next task, once claimed
       const SeqRows<scalar_t> kr = k_rows(b), vr = v_rows(b);
-      // Chunks of kChunk keys, cut at page ends: the rows of a chunk lie
-      // kss apart.
-      const auto chunk_end = [&](int64_t j0) { return std::min({j0 + kChunk, j_end, kr.run_end(j0)}); };
-      for (int64_t j0 = j_begin, j1 = j_begin < j_end ? chunk_end(j_begin) : j_end; j0 < j_end;) {
-        const int64_t j2 = j1 < j_end ? chunk_end(j1) : j1;  // the next chunk is [j1, j2)
+      for (int64_t j0 = j_begin, j1 = j_begin < j_end ? kr.chunk_end(j_begin, j_end) : j_end; j0 < j_end;) {
+        NextChunk next;
+        if (j1 < j_end) {
+          next = {kr.row(j1), vr.row(j1), kr.chunk_end(j1, j_end) - j1};
+        } else {
+          claimed = next_task.fetch_add(1);
+          if (claimed < n_tasks) {
+            const auto [b2, jb2, je2] = task(claimed);
+            if (jb2 < je2) {
+              const SeqRows<scalar_t> kr2 = k_rows(b2), vr2 = v_rows(b2);
+              next = {kr2.row(jb2), vr2.row(jb2), kr2.chunk_end(jb2, je2) - jb2};
+            }
+          }
+        }
         const scalar_t* kc = kr.row(j0);
         const scalar_t* vc = vr.row(j0);
         for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
           const scalar_t* kh = kc + hkv * ksh;
           const scalar_t* vh = vc + hkv * vsh;
-          // The next head of this chunk, or the first head of the next chunk.
-          const bool last_head = hkv + 1 == Hkv;
           // n rows of K and of V from k_first and v_first, k_step and v_step
           // values apart.
           const auto pf_rows = [&](const scalar_t* k_first, const scalar_t* v_first, int64_t n, int64_t k_step,
@@ -657,17 +705,16 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           };
           PrefetchRows pf;
           if (prefetch_blocks) {
-            if (j2 > j1) {
-              const int64_t n = j2 - j1;
+            if (next.n > 0) {
               const auto slice = [&](int64_t c) {
-                return c < Hkv ? kr.row(j1) + c * n * D : vr.row(j1) + (c - Hkv) * n * D;
+                return c < Hkv ? next.k + c * next.n * D : next.v + (c - Hkv) * next.n * D;
               };
-              pf = pf_rows(slice(2 * hkv), slice(2 * hkv + 1), n, D, D);
+              pf = pf_rows(slice(2 * hkv), slice(2 * hkv + 1), next.n, D, D);
             }
-          } else if (!last_head) {
+          } else if (hkv + 1 < Hkv) {  // the next head of this chunk
             pf = pf_rows(kh + ksh, vh + vsh, j1 - j0, kss, vss);
-          } else if (j2 > j1) {
-            pf = pf_rows(kr.row(j1), vr.row(j1), j2 - j1, kss, vss);
+          } else if (next.n > 0) {  // the first head of the next chunk
+            pf = pf_rows(next.k, next.v, next.n, kss, vss);
           }
           for (int64_t i = 0; i < sq; ++i) {
             const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
@@ -682,29 +729,32 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
             }
           }
         }
-        j0 = j1, j1 = j2;
+        j0 = j1, j1 = j1 < j_end ? kr.chunk_end(j1, j_end) : j1;
       }
 
       if (n_splits == 1) {
-        write_rows(b, acc.data(), m.data(), l.data());
+        for (int64_t r = 0; r < n_rows; ++r) write_row(b, r, acc.data() + r * D, m[r], l[r]);
       } else {
-        std::copy_n(acc.data(), n_rows * D, part_acc.data() + work * max_rows * D);
-        std::copy_n(m.data(), n_rows, part_m.data() + work * max_rows);
-        std::copy_n(l.data(), n_rows, part_l.data() + work * max_rows);
+        std::copy_n(acc.data(), n_rows * D, part_acc.get() + work * max_rows * D);
+        std::copy_n(m.data(), n_rows, part_m.get() + work * max_rows);
+        std::copy_n(l.data(), n_rows, part_l.get() + work * max_rows);
       }
+      work = claimed >= 0 ? claimed : next_task.fetch_add(1);
     }
   });
 
+  // Row by row, so that all threads share the merge whatever the batch.
   if (n_splits > 1) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(max_rows * D), m(max_rows), l(max_rows);
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t r = 0; r < Hkv * info[b].seqlen_q * G; ++r) {
-          const int64_t part = b * n_splits * max_rows + r;
-          merge_splits(n_splits, part_acc.data() + part * D, max_rows * D, part_m.data() + part,
-                       part_l.data() + part, max_rows, D, acc.data() + r * D, m[r], l[r]);
-        }
-        write_rows(b, acc.data(), m.data(), l.data());
+    at::parallel_for(0, B * max_rows, kMergeGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(D);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / max_rows, r = row % max_rows;
+        if (r >= Hkv * info[b].seqlen_q * G) continue;
+        const int64_t part = b * n_splits * max_rows + r;
+        float m, l;
+        merge_splits(n_splits, part_acc.get() + part * D, max_rows * D, part_m.get() + part, part_l.get() + part,
+                     max_rows, D, acc.data(), m, l);
+        write_row(b, r, acc.data(), m, l);
       }
     });
   }
