@@ -3,7 +3,8 @@
 These run the streaming decode kernel (csrc/cpu/attention_fwd_decode_cpu.cpp)
 rather than the tile-GEMM one: key ranges split into tasks that the threads
 claim from a queue, keys in chunks of 8, query rows in register blocks of 4,
-head dims in blocks of two vectors plus tails. Sizes are chosen to end off every one of those multiples.
+head dims in blocks of two vectors plus tails. Sizes are chosen to end off
+every one of those multiples.
 """
 
 from __future__ import annotations

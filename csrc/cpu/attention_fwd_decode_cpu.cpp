@@ -632,6 +632,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     const scalar_t* v = nullptr;
     int64_t n = 0;
   };
+  // The chunk from key j on, in a task ending at j_end.
+  const auto chunk_at = [](const SeqRows<scalar_t>& kr, const SeqRows<scalar_t>& vr, int64_t j, int64_t j_end) {
+    return NextChunk{kr.row(j), vr.row(j), kr.chunk_end(j, j_end) - j};
+  };
 
   // T is how K/V rows are read: scalar_t, or Bf16Pairs.
   const auto run = [&](auto row_type) {
@@ -679,15 +683,12 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t j0 = j_begin, j1 = j_begin < j_end ? kr.chunk_end(j_begin, j_end) : j_end; j0 < j_end;) {
         NextChunk next;
         if (j1 < j_end) {
-          next = {kr.row(j1), vr.row(j1), kr.chunk_end(j1, j_end) - j1};
+          next = chunk_at(kr, vr, j1, j_end);
         } else {
           claimed = next_task.fetch_add(1);
           if (claimed < n_tasks) {
             const auto [b2, jb2, je2] = task(claimed);
-            if (jb2 < je2) {
-              const SeqRows<scalar_t> kr2 = k_rows(b2), vr2 = v_rows(b2);
-              next = {kr2.row(jb2), vr2.row(jb2), kr2.chunk_end(jb2, je2) - jb2};
-            }
+            if (jb2 < je2) next = chunk_at(k_rows(b2), v_rows(b2), jb2, je2);
           }
         }
         const scalar_t* kc = kr.row(j0);
@@ -729,7 +730,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
             }
           }
         }
-        j0 = j1, j1 = j1 < j_end ? kr.chunk_end(j1, j_end) : j1;
+        j0 = j1, j1 = j1 < j_end ? j1 + next.n : j1;
       }
 
       if (n_splits == 1) {
