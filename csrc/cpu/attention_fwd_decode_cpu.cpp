@@ -442,11 +442,11 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-// The online-softmax update of NR rows over a whole chunk without softcap,
-// when a chunk is one vector: each row stays in a register from the scale
-// to the exponentials. The general path (transform_scores, exp_shift_sum)
-// spent about a seventh of the kernel's instructions on these 8 keys.
-// One row's update, from its unscaled scores; returns the exponentials.
+// The online-softmax update of one row over a whole chunk without softcap,
+// when a chunk is one vector, from its unscaled scores; returns the
+// exponentials. The row stays in a register from the scale to the
+// exponentials. The general path (transform_scores, exp_shift_sum) spent
+// about a seventh of the kernel's instructions on these 8 keys.
 inline Vec softmax_row_vec(Vec scores, float scale, float* acc_row, int64_t D, float& m, float& l) {
   const Vec x = scores * Vec(scale);
   const float m_new = std::max(m, hmax8(x));
@@ -461,6 +461,7 @@ inline Vec softmax_row_vec(Vec scores, float scale, float* acc_row, int64_t D, f
   return e;
 }
 
+// softmax_row_vec for NR rows of scores in s, overwritten by the exponentials.
 template <int NR>
 inline void softmax_chunk_vec(float* s, float scale, float* acc, int64_t D, float* m, float* l) {
   static_assert(kVS == kChunk);
