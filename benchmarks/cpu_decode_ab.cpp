@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -45,7 +46,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s HQ HKV L fp32|bf16 [ROUNDS] [THREADS]\n", argv[0]);
     return 2;
   }
-  const int64_t hq = std::stoll(argv[1]), hkv = std::stoll(argv[2]), len = std::stoll(argv[3]), d = 128;
+  const int64_t hq = std::stoll(argv[1]), hkv = std::stoll(argv[2]), len = std::stoll(argv[3]);
+  const char* head_dim = std::getenv("HEAD_DIM");  // 128 by default
+  const int64_t d = head_dim ? std::stoll(head_dim) : 128;
   const std::string dtype_name = argv[4];
   const auto dtype = dtype_name == "bf16" ? at::kBFloat16 : at::kFloat;
   const int rounds = argc > 5 ? std::stoi(argv[5]) : 15;
@@ -92,9 +95,9 @@ int main(int argc, char** argv) {
   const double diff = (out_a.to(at::kFloat) - out_b.to(at::kFloat)).abs().max().item<float>();
   const double read = *std::max_element(read_gbps.begin(), read_gbps.end());
   const auto pct = [&](double ms) { return kv_bytes / ms / 1e6 / read * 100; };
-  std::printf("%ld/%ld L%ld %s: A %.3f ms (%.0f%% of read) B %.3f ms (%.0f%%), read %.1f GB/s; B/A median %.3f; "
+  std::printf("%ld/%ld D%ld L%ld %s: A %.3f ms (%.0f%% of read) B %.3f ms (%.0f%%), read %.1f GB/s; B/A median %.3f; "
               "max|A-B| %.2g\n",
-              long(hq), long(hkv), long(len), dtype_name.c_str(), median(ta), pct(median(ta)), median(tb),
+              long(hq), long(hkv), long(d), long(len), dtype_name.c_str(), median(ta), pct(median(ta)), median(tb),
               pct(median(tb)), read, median(ratio), diff);
   return 0;
 }

@@ -81,39 +81,42 @@ inline void pin([[maybe_unused]] Vec& x) {
 #endif
 }
 
-// K and V rows to prefetch while attending to others: the next (KV head,
-// chunk) the task will read, or a slice of the next chunk (decode_impl says
-// which). That is one head-chunk of work ahead or more, long enough to cover
-// memory latency and short enough to stay in L2. The hardware prefetchers
-// would not do it: consecutive keys of one head are a whole (Hkv, D) row
-// apart, usually a page or more.
+// Rows to prefetch while attending to others: one set during the scores
+// and one during P V, from half a head-chunk to a chunk of work ahead
+// (decode_impl says which rows), long enough to cover memory latency and
+// short enough to stay in L2. The hardware prefetchers would not do it: consecutive keys of one
+// head are a whole (Hkv, D) row apart, usually a page or more.
 struct PrefetchRows {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t k_stride = 0, v_stride = 0, n = 0, row_bytes = 0;  // strides in bytes
+  // n rows from first, stride bytes apart.
+  struct Rows {
+    const char* first = nullptr;
+    int64_t stride = 0, n = 0;
+  };
+  Rows scores, pv;  // prefetched during the scores, and during P V
+  int64_t row_bytes = 0;
 
-  // Row j of K (during the scores) or of V (during P V), so that the
+  // Row j of those prefetched during the scores or during P V, so that the
   // requests are spread over the work rather than issued in bursts.
-  void k_row(int64_t j) const { row(k + j * k_stride, j, 0); }
-  void v_row(int64_t j) const { row(v + j * v_stride, j, 0); }
+  void scores_row(int64_t j) const { row(scores, j, 0); }
+  void pv_row(int64_t j) const { row(pv, j, 0); }
 
-  // Whether P V prefetches V a line at a time rather than a row at a time
-  // (see pv_block): for rows longer than four lines.
-  bool v_by_lines() const { return n > 0 && row_bytes > 256; }
-  // V row j, or `other` (a row in use) where there is none, so that the
+  // Whether P V prefetches its rows a line at a time rather than a row at a
+  // time (see pv_block): for rows longer than four lines.
+  bool pv_by_lines() const { return pv.n > 0 && row_bytes > 256; }
+  // P V's row j, or `other` (a row in use) where there is none, so that the
   // loop prefetching it needs no test.
-  const char* v_row_or(int64_t j, const void* other) const {
-    return j < n ? v + j * v_stride : static_cast<const char*>(other);
+  const char* pv_row_or(int64_t j, const void* other) const {
+    return j < pv.n ? pv.first + j * pv.stride : static_cast<const char*>(other);
   }
-  // What P V left: bytes [done, row_bytes) of V rows [0, nk), and rows [nk, n).
-  void v_rest(int64_t nk, int64_t done) const {
-    for (int64_t j = 0; j < n; ++j) row(v + j * v_stride, j, j < nk ? (done + 63) / 64 * 64 : 0);
+  // What P V left: bytes [done, row_bytes) of its rows [0, nk), and rows [nk, n).
+  void pv_rest(int64_t nk, int64_t done) const {
+    for (int64_t j = 0; j < pv.n; ++j) row(pv, j, j < nk ? (done + 63) / 64 * 64 : 0);
   }
 
  private:
-  void row(const char* p, int64_t j, int64_t from) const {
-    if (j >= n) return;
-    for (int64_t off = from; off < row_bytes; off += 64) prefetch_l2(p + off);
+  void row(const Rows& r, int64_t j, int64_t from) const {
+    if (j >= r.n) return;
+    for (int64_t off = from; off < row_bytes; off += 64) prefetch_l2(r.first + j * r.stride + off);
   }
 };
 
@@ -319,50 +322,51 @@ inline void dot_key_wide(const float* q, int64_t D, const T* k, float* s) {
   }
 }
 
-// Also prefetches pf's K rows, one per key.
+// Also prefetches pf's rows for the scores, one per key.
 template <int NR, typename T>
 void scores_block(const float* q, int64_t D, const T* k, int64_t kss, int64_t nk, float* s,
                   const PrefetchRows& pf) {
   int64_t j = 0;
   if constexpr (NR > kRowBlock) {
     for (; j < nk; ++j) {
-      pf.k_row(j);
+      pf.scores_row(j);
       dot_key_wide<NR>(q, D, k + j * kss, s + j);
     }
   } else {
     for (; j + 2 <= nk; j += 2) {
-      pf.k_row(j);
-      pf.k_row(j + 1);
+      pf.scores_row(j);
+      pf.scores_row(j + 1);
       dot_keys<NR, 2>(q, D, k + j * kss, kss, s + j);
     }
     if (j < nk) {
-      pf.k_row(j++);
+      pf.scores_row(j++);
       dot_keys<NR, 1>(q, D, k + (nk - 1) * kss, kss, s + nk - 1);
     }
   }
-  for (; j < pf.n; ++j) pf.k_row(j);
+  for (; j < pf.scores.n; ++j) pf.scores_row(j);
 }
 
 // acc_r[0:D] += sum_j p[r * kChunk + j] * v_j for NR rows (acc rows D apart)
 // and nk value rows (vss apart). Columns go in blocks of two vectors so that
 // the NR x 2 accumulators stay in registers across the keys.
 //
-// Also prefetches pf's V rows. Long rows go a line per key in each column
-// block that starts a line, at the offset being read, so that the requests
-// spread over the work; short rows go whole, in the first column block. From
-// memory, whole fp32 rows of 128 (eight lines a key in one column block) ran
-// 5 to 15% slower than lines (llama3-8b and qwen2.5-7b decode, 4096 keys);
-// for bfloat16 rows (four lines) lines were no faster, and slower for qwen's
-// group of 7, which runs out of instructions before memory.
+// Also prefetches pf's rows for P V. Long rows go a line per key in each
+// column block that starts a line, at the offset being read, so that the
+// requests spread over the work; short rows go whole, in the first column
+// block. From memory, whole fp32 rows of 128 (eight lines a key in one
+// column block) ran 5 to 15% slower than lines (llama3-8b and qwen2.5-7b
+// decode, 4096 keys); for bfloat16 rows (four lines) lines were no faster,
+// and slower for qwen's group of 7, which runs out of instructions before
+// memory.
 template <int NR, typename T>
 void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, int64_t D,
               const PrefetchRows& pf) {
   constexpr int64_t es = sizeof(T);
   enum Prefetch { kNone, kLine, kWhole };
-  const bool by_lines = pf.v_by_lines();
+  const bool by_lines = pf.pv_by_lines();
   const char* pf_rows[kChunk];
   if (by_lines)
-    for (int64_t j = 0; j < nk; ++j) pf_rows[j] = pf.v_row_or(j, v + j * vss);
+    for (int64_t j = 0; j < nk; ++j) pf_rows[j] = pf.pv_row_or(j, v + j * vss);
   const auto col_block = [&](int64_t d, auto prefetch) {
     Vec a0[NR], a1[NR];
     for (int r = 0; r < NR; ++r) {
@@ -371,7 +375,7 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
     }
     for (int64_t j = 0; j < nk; ++j) {
       if constexpr (prefetch == kLine) prefetch_l2(pf_rows[j] + d * es);
-      if constexpr (prefetch == kWhole) pf.v_row(j);
+      if constexpr (prefetch == kWhole) pf.pv_row(j);
       Vec v0, v1;
       load_pair(v + j * vss + d, v0, v1);
       for (int r = 0; r < NR; ++r) {
@@ -389,7 +393,7 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
   for (; d + 2 * kVS <= D; d += 2 * kVS) {
     if (by_lines && d * es % 64 == 0) {
       col_block(d, std::integral_constant<Prefetch, kLine>{});
-    } else if (!by_lines && d == 0 && pf.n > 0) {
+    } else if (!by_lines && d == 0 && pf.pv.n > 0) {
       col_block(d, std::integral_constant<Prefetch, kWhole>{});
     } else {
       col_block(d, std::integral_constant<Prefetch, kNone>{});
@@ -413,7 +417,7 @@ void pv_block(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, i
         acc[r * D + d] = x;
       }
   }
-  pf.v_rest(nk, by_lines ? blocks_end * es : blocks_end > 0 ? pf.row_bytes : 0);
+  pf.pv_rest(nk, by_lines ? blocks_end * es : blocks_end > 0 ? pf.row_bytes : 0);
 }
 
 // P V for NR rows, in blocks of at most kRowBlock, whose 2 NR accumulators
@@ -496,9 +500,9 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
 // - the scores stay in registers: the sums of the four key pairs are
 //   transposed into the four rows' score vectors, which go straight to the
 //   softmax, where scores_block stores each pair's sums for it to reload;
-// - P V runs with its key loop unrolled, and prefetches one of the next V
-//   rows per column block where pv_block issues all of them (32 lines for
-//   D 128) in the first.
+// - P V runs with its key loop unrolled, and prefetches one of its rows to
+//   prefetch per column block where pv_block issues all of them (32 lines
+//   for D 128) in the first.
 // llama3-8b bf16 decode from memory took 0.94 to 0.96 times the time of the
 // general path (5 runs); with pv_block for P V it took 1.007 times.
 void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss, const Bf16Pairs* v, int64_t vss, int64_t D,
@@ -506,8 +510,8 @@ void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss, const B
   static_assert(kChunk == 8 && kVS == 8);
   __m256 P[4];  // keys 2i and 2i + 1: (r0 k, r0 k', r1 k, ..., r3 k')
   for (int i = 0; i < 4; ++i) {
-    pf.k_row(2 * i);
-    pf.k_row(2 * i + 1);
+    pf.scores_row(2 * i);
+    pf.scores_row(2 * i + 1);
     P[i] = dot_rows4_keys2(q, D, k + 2 * i * kss, k + (2 * i + 1) * kss);
   }
   // A 4 x 4 transpose of 64-bit lanes (one row's two keys each): S[r] is
@@ -526,7 +530,7 @@ void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss, const B
   const int64_t ncb = D / (2 * kVS);
   for (int64_t c = 0; c < ncb; ++c) {
     const int64_t d = c * 2 * kVS;
-    pf.v_row(c);
+    pf.pv_row(c);
     const float* pp = p;
     // Without this GCC keeps the 32 broadcast addresses of the unrolled loop
     // live across it, spilled to the stack and reloaded for every broadcast.
@@ -551,7 +555,7 @@ void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss, const B
       a1[r].store(acc + r * D + d + kVS);
     }
   }
-  for (int64_t j = ncb; j < pf.n; ++j) pf.v_row(j);
+  for (int64_t j = ncb; j < pf.pv.n; ++j) pf.pv_row(j);
 }
 #endif
 
@@ -687,13 +691,18 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
   // What each head-chunk prefetches. Where the rows of all KV heads lie
   // back to back (the (B, S, H, D) layout, dense, packed or paged: then a
-  // chunk's K, and its V, is one block of memory), the next chunk's two
-  // blocks are cut into 2 Hkv equal slices, K's then V's, and head hkv
-  // takes slices 2 hkv and 2 hkv + 1: memory is read a chunk ahead, in
-  // address order. Otherwise each head-chunk prefetches the next one's
-  // rows, a whole (Hkv, D) row apart. Against the next head's rows, blocks
-  // made bfloat16 llama3-8b decode from memory 9 to 15% faster, but fp32
-  // (512-byte rows) 10 to 26% slower, so long rows keep the next head's.
+  // chunk's K, and its V, is one block of memory) and rows are short, the
+  // next chunk's two blocks are cut into 2 Hkv equal slices, K's then V's,
+  // and head hkv takes slices 2 hkv and 2 hkv + 1: memory is read a chunk
+  // ahead, in address order. Otherwise a head-chunk prefetches its own V
+  // rows during its scores and the next head-chunk's K rows during its P V,
+  // each about half a head-chunk of work ahead. From memory, llama3-8b
+  // decode measured (times relative to the scheme chosen for the dtype):
+  // - bfloat16 (256-byte rows): this head's V and the next head's K 1.17;
+  // - fp32 (512-byte rows): the next head's K and V (the scheme before)
+  //   1.06 to 1.07, blocks about 1.2.
+  // Further ahead was slower: blocks two chunks ahead (bfloat16) 1.10, K
+  // and V two heads ahead (fp32) 1.10.
   const bool prefetch_blocks = ksh == D && kss == Hkv * D && vsh == D && vss == Hkv * D &&
                                D * int64_t(sizeof(scalar_t)) <= kBlockPrefetchMaxRowBytes;
 
@@ -799,26 +808,25 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
           const scalar_t* kh = kc + hkv * ksh;
           const scalar_t* vh = vc + hkv * vsh;
-          // n rows of K and of V from k_first and v_first, k_step and v_step
-          // values apart.
-          const auto pf_rows = [&](const scalar_t* k_first, const scalar_t* v_first, int64_t n, int64_t k_step,
-                                   int64_t v_step) {
-            constexpr int64_t es = sizeof(scalar_t);
-            return PrefetchRows{reinterpret_cast<const char*>(k_first), reinterpret_cast<const char*>(v_first),
-                                k_step * es, v_step * es, n, D * es};
+          // n rows from first, step values apart.
+          const auto rows = [](const scalar_t* first, int64_t step, int64_t n) {
+            return PrefetchRows::Rows{reinterpret_cast<const char*>(first), step * int64_t(sizeof(scalar_t)), n};
           };
-          PrefetchRows pf;
+          PrefetchRows pf{.row_bytes = D * int64_t(sizeof(scalar_t))};
           if (prefetch_blocks) {
             if (next.n > 0) {
               const auto slice = [&](int64_t c) {
-                return c < Hkv ? next.k + c * next.n * D : next.v + (c - Hkv) * next.n * D;
+                return rows(c < Hkv ? next.k + c * next.n * D : next.v + (c - Hkv) * next.n * D, D, next.n);
               };
-              pf = pf_rows(slice(2 * hkv), slice(2 * hkv + 1), next.n, D, D);
+              pf.scores = slice(2 * hkv), pf.pv = slice(2 * hkv + 1);
             }
-          } else if (hkv + 1 < Hkv) {  // the next head of this chunk
-            pf = pf_rows(kh + ksh, vh + vsh, j1 - j0, kss, vss);
-          } else if (next.n > 0) {  // the first head of the next chunk
-            pf = pf_rows(next.k, next.v, next.n, kss, vss);
+          } else {
+            pf.scores = rows(vh, vss, j1 - j0);
+            if (hkv + 1 < Hkv) {  // the next head of this chunk
+              pf.pv = rows(kh + ksh, kss, j1 - j0);
+            } else if (next.n > 0) {  // the first head of the next chunk
+              pf.pv = rows(next.k, kss, next.n);
+            }
           }
           for (int64_t i = 0; i < sq; ++i) {
             const int64_t c0 = std::max(ranges[i].lo, j0), c1 = std::min(ranges[i].hi, j1 - 1);
@@ -829,7 +837,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                           reinterpret_cast<const T*>(kh + (c0 - j0) * kss), kss,
                           reinterpret_cast<const T*>(vh + (c0 - j0) * vss), vss, c1 - c0 + 1, D, scale, cap,
                           s.data(), acc.data() + r0 * D, m.data() + r0, l.data() + r0, pf);
-              pf.n = 0;  // issued once per head-chunk
+              pf.scores.n = pf.pv.n = 0;  // issued once per head-chunk
             }
           }
         }
