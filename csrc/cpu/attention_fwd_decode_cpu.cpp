@@ -84,8 +84,9 @@ inline void pin([[maybe_unused]] Vec& x) {
 // Rows to prefetch while attending to others: one set during the scores
 // and one during P V, from half a head-chunk to a chunk of work ahead
 // (decode_impl says which rows), long enough to cover memory latency and
-// short enough to stay in L2. The hardware prefetchers would not do it: consecutive keys of one
-// head are a whole (Hkv, D) row apart, usually a page or more.
+// short enough to stay in L2. The hardware prefetchers would not do it:
+// consecutive keys of one head are a whole (Hkv, D) row apart, usually a
+// page or more.
 struct PrefetchRows {
   // n rows from first, stride bytes apart.
   struct Rows {
@@ -500,8 +501,8 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
 // - the scores stay in registers: the sums of the four key pairs are
 //   transposed into the four rows' score vectors, which go straight to the
 //   softmax, where scores_block stores each pair's sums for it to reload;
-// - P V runs with its key loop unrolled, and prefetches one of its rows to
-//   prefetch per column block where pv_block issues all of them (32 lines
+// - P V runs with its key loop unrolled, and prefetches one row of pf's
+//   P V set per column block where pv_block issues the whole set (32 lines
 //   for D 128) in the first.
 // llama3-8b bf16 decode from memory took 0.94 to 0.96 times the time of the
 // general path (5 runs); with pv_block for P V it took 1.007 times.
