@@ -42,7 +42,7 @@ def main() -> int:
             continue
         wall = max(e for _, e in jobs.values()) - min(s for s, _ in jobs.values())
         print(f"compile: {wall / 1e3:.0f} s wall, {len(jobs)} jobs ({log})")
-        slowest = sorted(jobs.items(), key=lambda kv: kv[1][0] - kv[1][1])[: args.top]
+        slowest = sorted(jobs.items(), key=lambda kv: kv[1][1] - kv[1][0], reverse=True)[: args.top]
         for target, (s, e) in slowest:
             print(f"  {(e - s) / 1e3:6.1f} s  {target.removeprefix('CMakeFiles/')}")
     return 0

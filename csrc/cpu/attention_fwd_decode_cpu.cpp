@@ -198,14 +198,12 @@ inline void restore_order(float* row, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// The sums of 4 rows x 2 keys' accumulators in one vector, (r0 k0, r0 k1,
-// r1 k0, ..., r3 k1): a tree of horizontal adds, then the two 128-bit halves
-// added. By value: taking the accumulators' address makes GCC keep them on
-// the stack.
-inline __m256 sums_4x2(__m256 a00, __m256 a01, __m256 a10, __m256 a11, __m256 a20, __m256 a21, __m256 a30,
-                       __m256 a31) {
-  const __m256 h0 = _mm256_hadd_ps(a00, a01), h1 = _mm256_hadd_ps(a10, a11);
-  const __m256 h2 = _mm256_hadd_ps(a20, a21), h3 = _mm256_hadd_ps(a30, a31);
+// The sums of eight vectors' lanes in one vector, lane i the sum of a_i: a
+// tree of horizontal adds, then the two 128-bit halves added. By value:
+// taking the accumulators' address makes GCC keep them on the stack.
+inline __m256 lane_sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 h0 = _mm256_hadd_ps(a0, a1), h1 = _mm256_hadd_ps(a2, a3);
+  const __m256 h2 = _mm256_hadd_ps(a4, a5), h3 = _mm256_hadd_ps(a6, a7);
   const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);
   return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31));
 }
@@ -248,7 +246,7 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
   alignas(64) float t[NR][NK];
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (NR == 4 && NK == 2) {
-    _mm256_store_ps(&t[0][0], sums_4x2(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0], a[3][1]));
+    _mm256_store_ps(&t[0][0], lane_sums8(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0], a[3][1]));
   } else
 #endif
   {
@@ -300,14 +298,10 @@ inline void dot_key_wide(const float* q, int64_t D, const T* k, float* s) {
   for (int r = 0; r < NR; ++r) a[r] = a[r] + b[r];
   alignas(64) float t[kVS];
 #if defined(CPU_CAPABILITY_AVX2)
-  // The NR sums in one vector, as in dot_keys: a tree of horizontal adds
-  // over 8 vectors (the missing rows zero), then the 128-bit halves added.
+  // The NR sums in one vector (the missing rows zero).
   Vec x[8];
   for (int r = 0; r < 8; ++r) x[r] = r < NR ? a[r] : Vec(0.f);
-  const __m256 h0 = _mm256_hadd_ps(x[0], x[1]), h1 = _mm256_hadd_ps(x[2], x[3]);
-  const __m256 h2 = _mm256_hadd_ps(x[4], x[5]), h3 = _mm256_hadd_ps(x[6], x[7]);
-  const __m256 h01 = _mm256_hadd_ps(h0, h1), h23 = _mm256_hadd_ps(h2, h3);
-  _mm256_store_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20), _mm256_permute2f128_ps(h01, h23, 0x31)));
+  _mm256_store_ps(t, lane_sums8(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]));
 #else
   alignas(64) float lanes[kVS];
   for (int r = 0; r < NR; ++r) {
@@ -492,7 +486,7 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
       a[r][1] = at::vec::fmadd(q_hi, hi1, at::vec::fmadd(q_lo, lo1, a[r][1]));
     }
   }
-  return sums_4x2(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0], a[3][1]);
+  return lane_sums8(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0], a[3][1]);
 }
 
 // attend_block for 4 bfloat16-pair rows (groups of 4, or of 8 as two blocks:
