@@ -4,8 +4,11 @@
 // `gqa-ext bench --device cpu --mode decode` times it: one query per sequence over as
 // many layers' caches as make 256 MB, so that K/V come from memory. A and B alternate
 // (ABBA) round by round and the median of B/A is reported, because this machine's
-// speed drifts by more than the changes measured. Built and run by
-// scripts/cpu_decode_ab.sh.
+// speed drifts by more than the changes measured. With AB_REPEAT=n in the
+// environment, each layer's cache is instead read as a paged cache whose block
+// table cycles over n blocks of 16 keys, so that K/V stay in L2 (n = 4: 256 KB
+// for llama3-8b bf16): the kernel's compute alone, with the same prefetch
+// instructions. Built and run by scripts/cpu_decode_ab.sh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -65,13 +68,33 @@ int main(int argc, char** argv) {
   at::Tensor out_a = at::empty_like(q), out_b = at::empty_like(q);
   at::Tensor lse_a = at::empty({1, hq, 1}, q.options().dtype(at::kFloat)), lse_b = at::empty_like(lse_a);
   const gqa::cpu::AttnParams params{1.0 / std::sqrt(double(d)), 0.0, -1, 0};
+  const char* repeat = std::getenv("AB_REPEAT");
+  gqa::cpu::SeqLayout seqs{};
+  at::Tensor table, used;  // seqs points into these
+  if (repeat) {
+    if (len % 16 != 0) {
+      std::fprintf(stderr, "AB_REPEAT needs L a multiple of 16\n");
+      return 2;
+    }
+    const int64_t n = std::stoll(repeat), nb = len / 16;
+    for (int64_t i = 0; i < layers; ++i) {
+      ks[i] = ks[i].view({nb, 16, hkv, d});
+      vs[i] = vs[i].view({nb, 16, hkv, d});
+    }
+    table = at::arange(nb, at::kInt).remainder(n).view({1, nb}).contiguous();
+    used = at::full({1}, len, at::kInt);
+    seqs.block_table = table.data_ptr<int32_t>();
+    seqs.block_table_stride = nb;
+    seqs.block_size = 16;
+    seqs.seqused_k = used.data_ptr<int32_t>();
+  }
   const auto step = [&](bool b) {
     const auto t = Clock::now();
     for (int64_t i = 0; i < layers; ++i) {
       if (b) {
-        gqa::cpu::NEW::attention_fwd_decode(q, ks[i], vs[i], params, {}, 1, out_b, lse_b);
+        gqa::cpu::NEW::attention_fwd_decode(q, ks[i], vs[i], params, seqs, 1, out_b, lse_b);
       } else {
-        gqa::cpu::AVX2::attention_fwd_decode(q, ks[i], vs[i], params, {}, 1, out_a, lse_a);
+        gqa::cpu::AVX2::attention_fwd_decode(q, ks[i], vs[i], params, seqs, 1, out_a, lse_a);
       }
     }
     return ms_since(t) / layers;
