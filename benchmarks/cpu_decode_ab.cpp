@@ -30,6 +30,7 @@ using AVX2::exp_shift_sum;
 using AVX2::fill;
 using AVX2::finish_row;
 using AVX2::merge_splits;
+using AVX2::move_row_max;
 using AVX2::scale_inplace;
 using AVX2::transform_scores;
 }  // namespace gqa::cpu::NEW

@@ -190,12 +190,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
           const acc_t l_new = exp_shift_sum(srow + c0, nc, m_new);
           fill(srow, c0, acc_t(0));
           fill(srow + c1 + 1, nk - c1 - 1, acc_t(0));
-          if (row_m[r] != m_new) {
-            const acc_t alpha = std::exp(row_m[r] - m_new);  // 0 on the first visible tile
-            row_l[r] *= alpha;
-            scale_inplace(acc.data() + r * D, D, alpha);
-            row_m[r] = m_new;
-          }
+          move_row_max(acc.data() + r * D, D, row_m[r], row_l[r], m_new);
           row_l[r] += l_new;
         }
 

@@ -450,22 +450,18 @@ inline Vec softmax_row_vec(Vec scores, float scale, float* acc_row, int64_t D, f
   const Vec x = scores * Vec(scale);
   const float m_new = std::max(m, hmax8(x));
   const Vec e = (x - Vec(m_new)).exp_u20();
-  if (m != m_new) {
-    const float alpha = std::exp(m - m_new);  // 0 on the row's first keys
-    l *= alpha;
-    scale_inplace(acc_row, D, alpha);
-    m = m_new;
-  }
+  move_row_max(acc_row, D, m, l, m_new);
   l += hsum8(e);
   return e;
 }
 
 // softmax_row_vec for four rows at once (attend_rows4_chunk's, or a block
-// of 4 in the general path), into p, with the same bits: their maxima and sums come from joint reduction trees (each
-// row's sum in hsum8's order), and only the scalar rescale of a row whose
-// max moved stays per row. Four separate rows spent about a sixth of the
-// path's time from L2 on the softmax, most of it in the horizontal
-// reductions and the scalar chain between them.
+// of 4 in the general path), the exponentials into p, with the same bits:
+// the maxima and the sums come from joint reduction trees (each row's sum
+// in hsum8's order), and only the rescale of a row whose max moved stays
+// per row. Four separate rows spent about a sixth of the path's time from
+// L2 on the softmax, most of it in the horizontal reductions and the
+// scalar chain between them.
 inline void softmax_rows4_vec(const __m256 (&S)[4], float scale, float* acc, int64_t D, float* m, float* l,
                               float* p) {
   __m256 X[4];
@@ -480,14 +476,7 @@ inline void softmax_rows4_vec(const __m256 (&S)[4], float scale, float* acc, int
   const __m128 m_new = _mm_max_ps(m_old, mx);
   alignas(16) float mn[4];
   _mm_store_ps(mn, m_new);
-  for (int r = 0; r < 4; ++r) {
-    if (m[r] != mn[r]) {
-      const float alpha = std::exp(m[r] - mn[r]);  // 0 on the row's first keys
-      l[r] *= alpha;
-      scale_inplace(acc + r * D, D, alpha);
-      m[r] = mn[r];
-    }
-  }
+  for (int r = 0; r < 4; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
   __m256 E[4];
   for (int r = 0; r < 4; ++r) {
     E[r] = Vec(_mm256_sub_ps(X[r], _mm256_set1_ps(mn[r]))).exp_u20();
@@ -624,12 +613,7 @@ void attend_block(const float* q, const T* k, int64_t kss, const T* v, int64_t v
     float* sr = s + r * kChunk;
     const float m_new = std::max(m[r], transform_scores<float>(sr, nullptr, nk, scale, cap));
     const float l_new = exp_shift_sum(sr, nk, m_new);
-    if (m[r] != m_new) {
-      const float alpha = std::exp(m[r] - m_new);  // 0 on the row's first keys
-      l[r] *= alpha;
-      scale_inplace(acc + r * D, D, alpha);
-      m[r] = m_new;
-    }
+    move_row_max(acc + r * D, D, m[r], l[r], m_new);
     l[r] += l_new;
   }
   pv_rows<NR>(s, v, vss, nk, acc, D, pf);

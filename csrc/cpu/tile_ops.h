@@ -173,6 +173,18 @@ inline void scale_inplace(T* x, int64_t n, T s) {
   at::vec::map([s](Vec a) { return a * Vec(s); }, x, x, n);
 }
 
+// An online-softmax row's running max moves to m_new (>= m): its sum l and
+// its accumulator acc_row[0:D] are rescaled by exp(m - m_new), which is 0 on
+// the row's first keys (m = -inf).
+template <typename T>
+inline void move_row_max(T* acc_row, int64_t D, T& m, T& l, T m_new) {
+  if (m == m_new) return;
+  const T alpha = std::exp(m - m_new);
+  l *= alpha;
+  scale_inplace(acc_row, D, alpha);
+  m = m_new;
+}
+
 // The end of one query row's online softmax: out_row = acc / l, and the
 // returned lse = m + log(l). A row that saw no key (l == 0) gets 0 and -inf.
 template <typename scalar_t, typename acc_t>
