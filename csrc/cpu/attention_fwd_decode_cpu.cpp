@@ -240,9 +240,11 @@ inline void dot_keys(const float* q, int64_t D, const T* k, int64_t kss, float* 
     for (int c = 0; c < NK; ++c) load_pair(k + c * kss + d, lo[c], hi[c]);
     for (int r = 0; r < NR; ++r) {
       Vec q_lo = Vec::loadu(q + r * D + d), q_hi = Vec::loadu(q + r * D + d + kVS);
-      // Loaded once for the NK keys. Not for fp32, where it measured no
-      // faster (llama3-8b and qwen2.5-7b decode, 1.03 and 1.01 times the time).
-      if constexpr (NK > 1 && std::is_same_v<T, Bf16Pairs>) pin(q_lo), pin(q_hi);
+      // Loaded once for the NK keys: 12 loads per 16 FMAs for fp32 rather
+      // than 20, and a host that loads one vector a cycle is bound by loads
+      // at 20. There llama3-8b fp32 decode took 0.96 to 0.98 times the time;
+      // on the faster host of earlier sessions it had measured 1.03, in the noise.
+      if constexpr (NK > 1) pin(q_lo), pin(q_hi);
       for (int c = 0; c < NK; ++c) fma_into(a[r][c], lo[c], q_lo), fma_into(a[r][c], hi[c], q_hi);
     }
   }
