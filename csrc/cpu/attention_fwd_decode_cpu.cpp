@@ -447,81 +447,67 @@ void pv_rows(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, in
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-inline float hmax8(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-// The online-softmax update of one row over a whole chunk without softcap,
-// when a chunk is one vector, from its unscaled scores; returns the
-// exponentials. The row stays in a register from the scale to the
-// exponentials. The general path (transform_scores, exp_shift_sum) spent
-// about a seventh of the kernel's instructions on these 8 keys.
-inline Vec softmax_row_vec(Vec scores, float scale, float* acc_row, int64_t D, float& m, float& l) {
-  const Vec x = scores * Vec(scale);
-  const float m_new = std::max(m, hmax8(x));
-  const Vec e = (x - Vec(m_new)).exp_u20();
-  move_row_max(acc_row, D, m, l, m_new);
-  l += hsum8(e);
-  return e;
-}
-
-// softmax_row_vec for four rows at once (attend_rows4_chunk's, or a block
-// of 4 in the general path), the exponentials into p, with the same bits:
-// the maxima and the sums come from joint reduction trees (each row's sum
-// in hsum8's order), and only the rescale of a row whose max moved stays
-// per row. Four separate rows spent about a sixth of the path's time from
-// L2 on the softmax, most of it in the horizontal reductions and the
-// scalar chain between them.
-inline void softmax_rows4_vec(const __m256 (&S)[4], float scale, float* acc, int64_t D, float* m, float* l,
-                              float* p) {
+// The online-softmax update of NR <= 4 rows over a whole chunk without
+// softcap, when a chunk is one vector, from their unscaled scores S; the
+// exponentials go to p (row r at p + r * kChunk). The rows stay in registers
+// from the scale to the exponentials, and the four maxima and the four sums
+// come from joint reduction trees (fewer than 4 rows fill the tree with
+// copies of the last); only the rescale of a row whose max moved is per row.
+// Each row's sum is (e0 + e4, ..., e3 + e7), then (a + c) and (b + d), then
+// their sum, whatever NR. The general path (transform_scores, exp_shift_sum)
+// spent about a seventh of the kernel's instructions on these 8 keys; one
+// row at a time, each with its own horizontal reductions, took about a
+// sixth of the time from L2 for groups of 4, and for Qwen's group of 7 (now
+// a tree of 4 rows and one of 3) bf16 decode ran 4 to 6% slower.
+template <int NR>
+inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int64_t D, float* m, float* l,
+                             float* p) {
+  static_assert(NR >= 1 && NR <= 4 && kChunk == kVS);
   __m256 X[4];
-  for (int r = 0; r < 4; ++r) X[r] = _mm256_mul_ps(S[r], _mm256_set1_ps(scale));
+  for (int r = 0; r < 4; ++r) X[r] = _mm256_mul_ps(S[std::min(r, NR - 1)], _mm256_set1_ps(scale));
   // Row maxima: lanes (r0, r1) then (r2, r3) pairwise, then the halves.
   const __m256 u0 = _mm256_max_ps(_mm256_unpacklo_ps(X[0], X[1]), _mm256_unpackhi_ps(X[0], X[1]));
   const __m256 u1 = _mm256_max_ps(_mm256_unpacklo_ps(X[2], X[3]), _mm256_unpackhi_ps(X[2], X[3]));
   const __m256 v = _mm256_max_ps(_mm256_shuffle_ps(u0, u1, 0x44), _mm256_shuffle_ps(u0, u1, 0xee));
   // Each 128-bit half of v holds the four rows' maxima over its columns.
   const __m128 mx = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 m_old = _mm_loadu_ps(m);
-  const __m128 m_new = _mm_max_ps(m_old, mx);
+  // Built in registers, not in memory: one load of four separately stored
+  // values waits for the stores to complete.
+  const auto row = [](const float* x, int r) { return x[std::min(r, NR - 1)]; };
+  const __m128 m_old = NR == 4 ? _mm_loadu_ps(m) : _mm_setr_ps(row(m, 0), row(m, 1), row(m, 2), row(m, 3));
   alignas(16) float mn[4];
-  _mm_store_ps(mn, m_new);
-  for (int r = 0; r < 4; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
+  _mm_store_ps(mn, _mm_max_ps(m_old, mx));
+  for (int r = 0; r < NR; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
   __m256 E[4];
-  for (int r = 0; r < 4; ++r) {
+  for (int r = 0; r < NR; ++r) {
     E[r] = Vec(_mm256_sub_ps(X[r], _mm256_set1_ps(mn[r]))).exp_u20();
     _mm256_storeu_ps(p + r * kChunk, E[r]);
   }
-  // Row sums in hsum8's order: (e0 + e4, ..., e3 + e7), then (a + c) and
-  // (b + d), then their sum.
+  for (int r = NR; r < 4; ++r) E[r] = E[NR - 1];
   const __m256 y01 = _mm256_add_ps(_mm256_permute2f128_ps(E[0], E[1], 0x20), _mm256_permute2f128_ps(E[0], E[1], 0x31));
   const __m256 y23 = _mm256_add_ps(_mm256_permute2f128_ps(E[2], E[3], 0x20), _mm256_permute2f128_ps(E[2], E[3], 0x31));
   const __m256d a = _mm256_castps_pd(y01), b = _mm256_castps_pd(y23);
   const __m256 z = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
   const __m256 h = _mm256_hadd_ps(z, z);  // (s0 s2 s0 s2 | s1 s3 s1 s3)
   const __m128 sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  _mm_storeu_ps(l, _mm_add_ps(_mm_loadu_ps(l), sums));
+  if constexpr (NR == 4) {
+    _mm_storeu_ps(l, _mm_add_ps(_mm_loadu_ps(l), sums));
+  } else {
+    alignas(16) float t[4];
+    _mm_store_ps(t, sums);
+    for (int r = 0; r < NR; ++r) l[r] += t[r];
+  }
 }
 
-// softmax_row_vec for NR rows of scores in s, overwritten by the exponentials.
+// softmax_rows_vec for NR rows of scores in s, overwritten by the
+// exponentials: blocks of 4, then the rest.
 template <int NR>
 inline void softmax_chunk_vec(float* s, float scale, float* acc, int64_t D, float* m, float* l) {
-  static_assert(kVS == kChunk);
-  if constexpr (NR == 4) {
-    const __m256 S[4] = {_mm256_loadu_ps(s), _mm256_loadu_ps(s + kChunk), _mm256_loadu_ps(s + 2 * kChunk),
-                         _mm256_loadu_ps(s + 3 * kChunk)};
-    return softmax_rows4_vec(S, scale, acc, D, m, l, s);
-  }
-  for (int r = 0; r < NR; ++r)
-    softmax_row_vec(Vec::loadu(s + r * kChunk), scale, acc + r * D, D, m[r], l[r]).store(s + r * kChunk);
+  constexpr int n = NR < 4 ? NR : 4;
+  __m256 S[n];
+  for (int r = 0; r < n; ++r) S[r] = _mm256_loadu_ps(s + r * kChunk);
+  softmax_rows_vec<n>(S, scale, acc, D, m, l, s);
+  if constexpr (NR > 4) softmax_chunk_vec<NR - 4>(s + 4 * kChunk, scale, acc + 4 * D, D, m + 4, l + 4);
 }
 #endif
 
@@ -577,7 +563,7 @@ void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss, const B
   S[2] = _mm256_castpd_ps(_mm256_permute2f128_pd(t0, t2, 0x31));
   S[3] = _mm256_castpd_ps(_mm256_permute2f128_pd(t1, t3, 0x31));
   alignas(32) float p[4 * kChunk];
-  softmax_rows4_vec(S, scale, acc, D, m, l, p);
+  softmax_rows_vec<4>(S, scale, acc, D, m, l, p);
   const int64_t ncb = D / (2 * kVS);
   for (int64_t c = 0; c < ncb; ++c) {
     const int64_t d = c * 2 * kVS;
