@@ -62,9 +62,9 @@ def test_decode_thread_counts_and_splits(batch, threads, num_threads):
     num_threads(threads)
     q, k, v = make_qkv(batch, 1, 2100, 16, 4, 128, torch.bfloat16)
     out, lse = check_forward(q, k, v, softcap=10.0)
-    # Splits of unequal sizes here (the heuristic's shrink as the queue
-    # drains), merged in split order whichever thread claimed each:
-    # repeatable to the bit.
+    # The heuristic's splits shrink as the queue drains: unequal here except
+    # for 3 threads on batch 1 and 1 thread on batch 5. They are merged in
+    # split order whichever thread claimed each: repeatable to the bit.
     for _ in range(4):
         out2, lse2 = torch.ops.gqa.forward(q, k, v, softcap=10.0)
         assert torch.equal(out, out2) and torch.equal(lse, lse2)
