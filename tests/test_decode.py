@@ -106,6 +106,16 @@ def test_decode_online_softmax_rescales_across_chunks():
     check_forward(q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(8, 2), (7, 1), (2, 1)], ids=["group4", "group7", "group2"])
+def test_decode_scores_far_below_the_max(heads, dtype):
+    # Scores with a spread of about 40: within most chunks some exponentials
+    # fall below 2^-125, where the vectorized softmax's exp2 clamps, and the
+    # result is close to one value row.
+    q, k, v = make_qkv(2, 1, 1100, heads[0], heads[1], 64, dtype)
+    check_forward(q * 40, k, v)
+
+
 @pytest.mark.parametrize("heads_q", [16, 17], ids=["16_rows_decode_kernel", "17_rows_tile_kernel"])
 def test_decode_kernel_boundary(heads_q):
     q, k, v = make_qkv(2, 1, 700, heads_q, 1, 64, torch.bfloat16)

@@ -447,6 +447,30 @@ void pv_rows(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, in
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
+// 2^y for y <= 0, the exponentials of the softmax in base 2: 2^round(y) goes
+// straight into the exponent bits and 2^f, f in [-1/2, 1/2], is a degree-5
+// polynomial (relative error 3e-7 near y = 0, growing as y's own rounding
+// with |y|). ATen's exp_u20 also covers y > 0 and overflow, and spent more
+// FMA-pipe instructions per vector; in the decode loop, on a host with one
+// FMA pipe, those compete with the dot products.
+constexpr float kLog2e = 1.44269504088896341f;
+inline __m256 exp2_nonpositive(__m256 y) {
+  // Adding 1.5 * 2^23 rounds y to an integer held in the low mantissa bits;
+  // shifted by 23 those bits are round(y) in the exponent field.
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  y = _mm256_max_ps(y, _mm256_set1_ps(-125.f));  // 2^-125 is still normal: below it, 0 would be as good
+  const __m256 t = _mm256_add_ps(y, magic);
+  const __m256 f = _mm256_sub_ps(y, _mm256_sub_ps(t, magic));
+  __m256 p = _mm256_set1_ps(1.2915651e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6685356e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5516887e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022265e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314647e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), n));
+}
+
 // The online-softmax update of NR <= 4 rows over a whole chunk without
 // softcap, when a chunk is one vector, from their unscaled scores S; the
 // exponentials go to p (row r at p + r * kChunk). The rows stay in registers
@@ -475,12 +499,14 @@ inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int
   // values waits for the stores to complete.
   const auto row = [](const float* x, int r) { return x[std::min(r, NR - 1)]; };
   const __m128 m_old = NR == 4 ? _mm_loadu_ps(m) : _mm_setr_ps(row(m, 0), row(m, 1), row(m, 2), row(m, 3));
-  alignas(16) float mn[4];
-  _mm_store_ps(mn, _mm_max_ps(m_old, mx));
+  const __m128 m_new = _mm_max_ps(m_old, mx);
+  alignas(16) float mn[4], shift[4];  // shift: -m_new log2(e)
+  _mm_store_ps(mn, m_new);
+  _mm_store_ps(shift, _mm_mul_ps(m_new, _mm_set1_ps(-kLog2e)));
   for (int r = 0; r < NR; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
   __m256 E[4];
   for (int r = 0; r < NR; ++r) {
-    E[r] = Vec(_mm256_sub_ps(X[r], _mm256_set1_ps(mn[r]))).exp_u20();
+    E[r] = exp2_nonpositive(_mm256_fmadd_ps(X[r], _mm256_set1_ps(kLog2e), _mm256_set1_ps(shift[r])));
     _mm256_storeu_ps(p + r * kChunk, E[r]);
   }
   for (int r = NR; r < 4; ++r) E[r] = E[NR - 1];
