@@ -503,7 +503,11 @@ inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int
   alignas(16) float mn[4], shift[4];  // shift: -m_new log2(e)
   _mm_store_ps(mn, m_new);
   _mm_store_ps(shift, _mm_mul_ps(m_new, _mm_set1_ps(-kLog2e)));
-  for (int r = 0; r < NR; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
+  // Rarely taken once a row has seen a few chunks; as one branch, the
+  // vectors live across it need not be saved around move_row_max's calls.
+  if (_mm_movemask_ps(_mm_cmpneq_ps(m_new, m_old)) & ((1 << NR) - 1)) [[unlikely]] {
+    for (int r = 0; r < NR; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
+  }
   __m256 E[4];
   for (int r = 0; r < NR; ++r) {
     E[r] = exp2_nonpositive(_mm256_fmadd_ps(X[r], _mm256_set1_ps(kLog2e), _mm256_set1_ps(shift[r])));
