@@ -6,7 +6,10 @@
 #   scripts/cpu_decode_ab.sh REV [HQ HKV L DTYPE [ROUNDS [THREADS]]] ...
 # With no case after REV it runs llama3-8b and qwen2.5-7b at L 4096, fp32 and bf16.
 # The head dim is 128, or HEAD_DIM from the environment; AB_REPEAT=4 keeps K/V in
-# L2 (benchmarks/cpu_decode_ab.cpp says how).
+# L2 (benchmarks/cpu_decode_ab.cpp says how). It compiles the kernel in its own
+# translation unit, where GCC may inline and allocate registers otherwise than in
+# the library: check a change to decode_impl's loops on the built library too,
+#   gqa-ext bench --device cpu --mode decode --lengths 4096 --impl ours --out DIR
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 rev=${1:?usage: $0 REV [HQ HKV L DTYPE [ROUNDS [THREADS]]]}

@@ -937,19 +937,21 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         const scalar_t* kc = kr.row(j0);
         const scalar_t* vc = vr.row(j0);
-        bool done = false;  // by attend_chunk_rows4
 #if defined(CPU_CAPABILITY_AVX2)
         if constexpr (std::is_same_v<T, Bf16Pairs>) {
-          done = G % 4 == 0 && sq == 1 && cap == 0 && prefetch_blocks && j1 - j0 == kChunk && ranges[0].lo <= j0 &&
-                 ranges[0].hi >= j1 - 1;
-          if (done) {
+          if (G % 4 == 0 && sq == 1 && cap == 0 && prefetch_blocks && j1 - j0 == kChunk && ranges[0].lo <= j0 &&
+              ranges[0].hi >= j1 - 1) {
             attend_chunk_rows4(q_buf.data(), reinterpret_cast<const T*>(kc), reinterpret_cast<const T*>(vc), Hkv, G, D,
                                scale, acc.data(), m.data(), l.data(), reinterpret_cast<const T*>(next.k),
                                reinterpret_cast<const T*>(next.v), next.n);
+            // Not a flag that skips the loop below: in the library's build
+            // that made fp32 Qwen decode 10 to 25% slower.
+            j0 = j1, j1 = j1 < j_end ? j1 + next.n : j1;
+            continue;
           }
         }
 #endif
-        for (int64_t hkv = 0; !done && hkv < Hkv; ++hkv) {
+        for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
           const scalar_t* kh = kc + hkv * ksh;
           const scalar_t* vh = vc + hkv * vsh;
           // n rows from first, step values apart.
