@@ -572,7 +572,9 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
 //   for D 128) in the first.
 // llama3-8b bf16 decode from memory took 0.94 to 0.96 times the time of the
 // general path (5 runs); with pv_block for P V it took 1.007 times.
-// Inlined into attend_chunk_rows4, where it runs for whole chunks (see there).
+// Always inlined: into attend_chunk_rows4, which takes most whole chunks
+// (see there), and through attend_block into decode_impl for the rest
+// (several query positions, heads apart in memory).
 [[gnu::always_inline]] inline void attend_rows4_chunk(const float* q, const Bf16Pairs* k, int64_t kss,
                                                       const Bf16Pairs* v, int64_t vss, int64_t D, float scale,
                                                       float* acc, float* m, float* l, const PrefetchRows& pf) {
