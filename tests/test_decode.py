@@ -51,7 +51,8 @@ def test_decode_key_counts(seqlen_k):
 @pytest.mark.parametrize("heads", [(8, 2), (16, 2)], ids=["group4", "group8"])
 def test_decode_bfloat16_groups_of_four(heads, head_dim):
     # Blocks of 4 bfloat16 rows over whole 8-key chunks take their own path
-    # (attend_rows4_chunk); 1031 keys leave a short last chunk to the general one.
+    # (attend_rows4_chunk, with D a constant at 128); 1031 keys leave a short last
+    # chunk to the general one.
     q, k, v = make_qkv(3, 1, 1031, heads[0], heads[1], head_dim, torch.bfloat16)
     check_forward(q, k, v, causal=True)
 
