@@ -701,8 +701,8 @@ PrefetchRows next_chunk_slices(const scalar_t* k, const scalar_t* v, int64_t n, 
 // memory (llama3-70b 0.96), and 0.85 to 0.98 with K/V in L2.
 //
 // kD: the head dim as a constant (128, that of LLaMA-3 and Mistral, whose
-// groups of 4 or 8 take this path), or 0 for D at run time. The constant lets GCC unroll the loops over D and
-// drop their address arithmetic.
+// groups of 4 or 8 take this path), or 0 for D at run time. The constant
+// lets GCC unroll the loops over D and drop their address arithmetic.
 template <int64_t kD>
 [[gnu::noinline]] void attend_chunk_rows4(const float* q, const Bf16Pairs* k, const Bf16Pairs* v, int64_t Hkv,
                                           int64_t G, int64_t D, float scale, float* acc, float* m, float* l,
