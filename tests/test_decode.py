@@ -99,11 +99,29 @@ def test_decode_no_keys():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-def test_decode_online_softmax_rescales_across_chunks():
-    # Scores rise with the key index, so nearly every chunk raises the row max.
-    q, k, v = make_qkv(1, 1, 1100, 8, 2, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scores", ["rising", "one_far_above", "just_below_the_lag"])
+def test_decode_online_softmax_max_moves(scores, head_dim, dtype):
+    # The vectorized softmax takes a chunk's exponentials against the rows'
+    # stored max until a score lies more than 2^8 (8 ln 2 in the scaled
+    # score) above it. Scaled scores of about k[..., 0] / sqrt(D) here: they
+    # rise by 25 over the keys (the max moves every few chunks), jump by 100
+    # at one key, or sit at 5.4 after a first chunk at about 0, so that the
+    # exponentials reach about 2^7.8.
+    seqlen = 1100
+    q, k, v = make_qkv(1, 1, seqlen, 8, 2, head_dim, dtype)
     q[..., 0] = 1.0
-    k[..., 0] = torch.linspace(0, 200, 1100).view(1, 1100, 1)
+    q[..., 1:] *= 0.01
+    root_d = head_dim**0.5
+    if scores == "rising":
+        k[..., 0] = torch.linspace(0, 25 * root_d, seqlen).view(1, seqlen, 1)
+    elif scores == "one_far_above":
+        k[..., 0] *= 0.01
+        k[:, 900, :, 0] += 100 * root_d
+    else:
+        k[..., 0] *= 0.01
+        k[:, 8:, :, 0] += 5.4 * root_d
     check_forward(q, k, v)
 
 

@@ -447,14 +447,20 @@ void pv_rows(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, in
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// 2^y for y <= 0, the exponentials of the softmax in base 2: 2^round(y) goes
-// straight into the exponent bits and 2^f, f in [-1/2, 1/2], is a degree-5
-// polynomial (relative error 3e-7 near y = 0, growing as y's own rounding
-// with |y|). ATen's exp_u20 also covers y > 0 and overflow, and spent more
-// FMA-pipe instructions per vector; in the decode loop, on a host with one
-// FMA pipe, those compete with the dot products.
+// 2^y for y <= kMaxLag, the exponentials of the softmax in base 2:
+// 2^round(y) goes straight into the exponent bits and 2^f, f in [-1/2, 1/2],
+// is a degree-5 polynomial (relative error 3e-7 near y = 0, growing as y's
+// own rounding with |y|). Exact in range up to y = 126; the softmax passes
+// y <= kMaxLag. ATen's exp_u20 also covers overflow, and spent more FMA-pipe
+// instructions per vector; in the decode loop, on a host with one FMA pipe,
+// those compete with the dot products.
 constexpr float kLog2e = 1.44269504088896341f;
-inline __m256 exp2_nonpositive(__m256 y) {
+// How far (in powers of 2) a row's scores may rise above its stored max m
+// before the max moves: exponentials up to 2^8 stay far from overflowing
+// the fp32 sums, and a chunk whose scores all stay below that needs no max
+// of its own (the conditional rescaling of FlashAttention-4).
+constexpr float kMaxLag = 8.f;
+inline __m256 exp2_bounded(__m256 y) {
   // Adding 1.5 * 2^23 rounds y to an integer held in the low mantissa bits;
   // shifted by 23 those bits are round(y) in the exponent field.
   const __m256 magic = _mm256_set1_ps(12582912.f);
@@ -473,53 +479,55 @@ inline __m256 exp2_nonpositive(__m256 y) {
 
 // The online-softmax update of NR <= 4 rows over a whole chunk without
 // softcap, when a chunk is one vector, from their unscaled scores S; the
-// exponentials go to p (row r at p + r * kChunk). The rows stay in registers
-// from the scale to the exponentials, and the four maxima and the four sums
-// come from joint reduction trees (fewer than 4 rows fill the tree with
-// copies of the last); only the rescale of a row whose max moved is per row.
-// Each row's sum is (e0 + e4, ..., e3 + e7), then (a + c) and (b + d), then
-// their sum, whatever NR. The general path (transform_scores, exp_shift_sum)
-// spent about a seventh of the kernel's instructions on these 8 keys; one
-// row at a time, each with its own horizontal reductions, took about a
-// sixth of the time from L2 for groups of 4, and for Qwen's group of 7 (now
-// a tree of 4 rows and one of 3) bf16 decode ran 4 to 6% slower.
+// exponentials go to p (row r at p + r * kChunk). The exponentials are taken
+// against the rows' stored maxima m, as long as no score of the chunk lies
+// more than kMaxLag (base 2) above its row's: then the chunk's own maxima,
+// a reduction tree at the head of the dependency chain from the scores to
+// P V, are not needed. Otherwise (a task's first chunk, m = -inf, or a
+// score that far up) the four maxima come from one joint reduction tree
+// (fewer than 4 rows fill it with copies of the last), m moves to them and
+// the rows whose max moved are rescaled. The four sums also come from one
+// tree. The general path (transform_scores, exp_shift_sum) spent about a
+// seventh of the kernel's instructions on these 8 keys; one row at a time,
+// each with its own horizontal reductions, took about a sixth of the time
+// from L2 for groups of 4, and for Qwen's group of 7 (now a tree of 4 rows
+// and one of 3) bf16 decode ran 4 to 6% slower.
 template <int NR>
 inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int64_t D, float* m, float* l,
                              float* p) {
   static_assert(NR >= 1 && NR <= 4 && kChunk == kVS);
-  __m256 X[4];
-  for (int r = 0; r < 4; ++r) X[r] = _mm256_mul_ps(S[std::min(r, NR - 1)], _mm256_set1_ps(scale));
-  // Row maxima: lanes (r0, r1) then (r2, r3) pairwise, then the halves.
-  const __m256 u0 = _mm256_max_ps(_mm256_unpacklo_ps(X[0], X[1]), _mm256_unpackhi_ps(X[0], X[1]));
-  const __m256 u1 = _mm256_max_ps(_mm256_unpacklo_ps(X[2], X[3]), _mm256_unpackhi_ps(X[2], X[3]));
-  const __m256 v = _mm256_max_ps(_mm256_shuffle_ps(u0, u1, 0x44), _mm256_shuffle_ps(u0, u1, 0xee));
-  // Each 128-bit half of v holds the four rows' maxima over its columns.
-  const __m128 mx = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  // Built in registers, not in memory: one load of four separately stored
-  // values waits for the stores to complete.
-  const auto row = [](const float* x, int r) { return x[std::min(r, NR - 1)]; };
-  const __m128 m_old = NR == 4 ? _mm_loadu_ps(m) : _mm_setr_ps(row(m, 0), row(m, 1), row(m, 2), row(m, 3));
-  const __m128 m_new = _mm_max_ps(m_old, mx);
-  alignas(16) float mn[4], shift[4];  // shift: -m_new log2(e)
-  _mm_store_ps(mn, m_new);
-  _mm_store_ps(shift, _mm_mul_ps(m_new, _mm_set1_ps(-kLog2e)));
-  // Rarely taken once a row has seen a few chunks; as one branch, the
-  // vectors live across it need not be saved around move_row_max's calls.
-  if (_mm_movemask_ps(_mm_cmpneq_ps(m_new, m_old)) & ((1 << NR) - 1)) [[unlikely]] {
-    for (int r = 0; r < NR; ++r) move_row_max(acc + r * D, D, m[r], l[r], mn[r]);
+  const __m256 c = _mm256_set1_ps(scale * kLog2e);
+  __m256 Y[4];  // S scale log2(e) - m log2(e): the exponents in base 2
+  for (int r = 0; r < NR; ++r) Y[r] = _mm256_fmadd_ps(S[r], c, _mm256_set1_ps(-m[r] * kLog2e));
+  __m256 y_max = Y[0];
+  for (int r = 1; r < NR; ++r) y_max = _mm256_max_ps(y_max, Y[r]);
+  // Rarely taken once a task has seen a chunk. m = -inf (a task's first
+  // chunk) makes Y +inf, which takes it; a NaN score compares false and
+  // gives NaN either way.
+  if (_mm256_movemask_ps(_mm256_cmp_ps(y_max, _mm256_set1_ps(kMaxLag), _CMP_GT_OQ))) [[unlikely]] {
+    __m256 X[4];
+    for (int r = 0; r < 4; ++r) X[r] = _mm256_mul_ps(S[std::min(r, NR - 1)], _mm256_set1_ps(scale));
+    // Row maxima: lanes (r0, r1) then (r2, r3) pairwise, then the halves.
+    const __m256 u0 = _mm256_max_ps(_mm256_unpacklo_ps(X[0], X[1]), _mm256_unpackhi_ps(X[0], X[1]));
+    const __m256 u1 = _mm256_max_ps(_mm256_unpacklo_ps(X[2], X[3]), _mm256_unpackhi_ps(X[2], X[3]));
+    const __m256 v = _mm256_max_ps(_mm256_shuffle_ps(u0, u1, 0x44), _mm256_shuffle_ps(u0, u1, 0xee));
+    // Each 128-bit half of v holds the four rows' maxima over its columns.
+    alignas(16) float mx[4];
+    _mm_store_ps(mx, _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+    for (int r = 0; r < NR; ++r) {
+      move_row_max(acc + r * D, D, m[r], l[r], std::max(m[r], mx[r]));
+      Y[r] = _mm256_fmadd_ps(S[r], c, _mm256_set1_ps(-m[r] * kLog2e));
+    }
   }
   __m256 E[4];
   for (int r = 0; r < NR; ++r) {
-    E[r] = exp2_nonpositive(_mm256_fmadd_ps(X[r], _mm256_set1_ps(kLog2e), _mm256_set1_ps(shift[r])));
+    E[r] = exp2_bounded(Y[r]);
     _mm256_storeu_ps(p + r * kChunk, E[r]);
   }
   for (int r = NR; r < 4; ++r) E[r] = E[NR - 1];
-  const __m256 y01 = _mm256_add_ps(_mm256_permute2f128_ps(E[0], E[1], 0x20), _mm256_permute2f128_ps(E[0], E[1], 0x31));
-  const __m256 y23 = _mm256_add_ps(_mm256_permute2f128_ps(E[2], E[3], 0x20), _mm256_permute2f128_ps(E[2], E[3], 0x31));
-  const __m256d a = _mm256_castps_pd(y01), b = _mm256_castps_pd(y23);
-  const __m256 z = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
-  const __m256 h = _mm256_hadd_ps(z, z);  // (s0 s2 s0 s2 | s1 s3 s1 s3)
-  const __m128 sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  // Horizontal adds within the 128-bit halves, then one add of the halves.
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(E[0], E[1]), _mm256_hadd_ps(E[2], E[3]));
+  const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   if constexpr (NR == 4) {
     _mm_storeu_ps(l, _mm_add_ps(_mm_loadu_ps(l), sums));
   } else {
@@ -542,9 +550,10 @@ inline void softmax_chunk_vec(float* s, float scale, float* acc, int64_t D, floa
 #endif
 
 #if defined(CPU_CAPABILITY_AVX2)
-// dot_keys<4, 2> for bfloat16 pairs, its eight sums returned in one vector
-// rather than stored.
-inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, const Bf16Pairs* k1) {
+// dot_keys<4, 2> for bfloat16 pairs, not reduced: g[r] holds row r's two
+// sums over each 4 of the 8 lanes, (k 01, k 23, k' 01, k' 23 | k 45, k 67,
+// k' 45, k' 67) in lane pairs, for attend_rows4_chunk to finish.
+inline void dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, const Bf16Pairs* k1, __m256 (&g)[4]) {
   Vec a[4][2];
   for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = Vec(0.f);
   for (int64_t d = 0; d < D; d += 2 * kVS) {
@@ -558,14 +567,14 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
       fma_into(a[r][0], q_hi, hi0), fma_into(a[r][1], q_hi, hi1);
     }
   }
-  return lane_sums8(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0], a[3][1]);
+  for (int r = 0; r < 4; ++r) g[r] = _mm256_hadd_ps(a[r][0], a[r][1]);
 }
 
 // attend_block for 4 bfloat16-pair rows (groups of 4, or of 8 as two blocks:
 // LLaMA-3, Mistral) and a whole chunk without softcap, with fewer
 // instructions around the FMAs:
-// - the scores stay in registers: the sums of the four key pairs are
-//   transposed into the four rows' score vectors, which go straight to the
+// - the scores stay in registers: each row's partial sums over the four
+//   key pairs are reduced into its score vector, which goes straight to the
 //   softmax, where scores_block stores each pair's sums for it to reload;
 // - P V runs with its key loop unrolled, and prefetches one row of pf's
 //   P V set per column block where pv_block issues the whole set (32 lines
@@ -579,23 +588,21 @@ inline __m256 dot_rows4_keys2(const float* q, int64_t D, const Bf16Pairs* k0, co
                                                       const Bf16Pairs* v, int64_t vss, int64_t D, float scale,
                                                       float* acc, float* m, float* l, const PrefetchRows& pf) {
   static_assert(kChunk == 8 && kVS == 8);
-  __m256 P[4];  // keys 2i and 2i + 1: (r0 k, r0 k', r1 k, ..., r3 k')
+  __m256 g[4][4];  // key pair i, row r: see dot_rows4_keys2
   for (int i = 0; i < 4; ++i) {
     pf.scores_row(2 * i);
     pf.scores_row(2 * i + 1);
-    P[i] = dot_rows4_keys2(q, D, k + 2 * i * kss, k + (2 * i + 1) * kss);
+    dot_rows4_keys2(q, D, k + 2 * i * kss, k + (2 * i + 1) * kss, g[i]);
   }
-  // A 4 x 4 transpose of 64-bit lanes (one row's two keys each): S[r] is
-  // row r's eight scores.
-  const __m256d t0 = _mm256_unpacklo_pd(_mm256_castps_pd(P[0]), _mm256_castps_pd(P[1]));
-  const __m256d t1 = _mm256_unpackhi_pd(_mm256_castps_pd(P[0]), _mm256_castps_pd(P[1]));
-  const __m256d t2 = _mm256_unpacklo_pd(_mm256_castps_pd(P[2]), _mm256_castps_pd(P[3]));
-  const __m256d t3 = _mm256_unpackhi_pd(_mm256_castps_pd(P[2]), _mm256_castps_pd(P[3]));
+  // Row r's sums over the two 128-bit halves, keys 0 to 3 and 4 to 7; one
+  // add of the halves then gives its eight scores in order, with two
+  // lane-crossing permutes a row (on Zen each costs about four FMAs' slots)
+  // where reducing each key pair first and transposing took three.
   __m256 S[4];
-  S[0] = _mm256_castpd_ps(_mm256_permute2f128_pd(t0, t2, 0x20));
-  S[1] = _mm256_castpd_ps(_mm256_permute2f128_pd(t1, t3, 0x20));
-  S[2] = _mm256_castpd_ps(_mm256_permute2f128_pd(t0, t2, 0x31));
-  S[3] = _mm256_castpd_ps(_mm256_permute2f128_pd(t1, t3, 0x31));
+  for (int r = 0; r < 4; ++r) {
+    const __m256 h0 = _mm256_hadd_ps(g[0][r], g[1][r]), h1 = _mm256_hadd_ps(g[2][r], g[3][r]);
+    S[r] = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+  }
   alignas(32) float p[4 * kChunk];
   softmax_rows_vec<4>(S, scale, acc, D, m, l, p);
   const int64_t ncb = D / (2 * kVS);
