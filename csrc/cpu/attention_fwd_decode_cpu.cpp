@@ -450,8 +450,8 @@ void pv_rows(const float* p, const T* v, int64_t vss, int64_t nk, float* acc, in
 // 2^y for y <= kMaxLag, the exponentials of the softmax in base 2:
 // 2^round(y) goes straight into the exponent bits and 2^f, f in [-1/2, 1/2],
 // is a degree-5 polynomial (relative error 3e-7 near y = 0, growing as y's
-// own rounding with |y|). Exact in range up to y = 126; the softmax passes
-// y <= kMaxLag. ATen's exp_u20 also covers overflow, and spent more FMA-pipe
+// own rounding with |y|). Valid up to y = 126 (the exponent field's
+// range); the softmax passes y <= kMaxLag. ATen's exp_u20 also covers overflow, and spent more FMA-pipe
 // instructions per vector; in the decode loop, on a host with one FMA pipe,
 // those compete with the dot products.
 constexpr float kLog2e = 1.44269504088896341f;
@@ -496,9 +496,11 @@ template <int NR>
 inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int64_t D, float* m, float* l,
                              float* p) {
   static_assert(NR >= 1 && NR <= 4 && kChunk == kVS);
+  // Row r's exponents in base 2 against its stored max: (S scale - m) log2(e).
   const __m256 c = _mm256_set1_ps(scale * kLog2e);
-  __m256 Y[4];  // S scale log2(e) - m log2(e): the exponents in base 2
-  for (int r = 0; r < NR; ++r) Y[r] = _mm256_fmadd_ps(S[r], c, _mm256_set1_ps(-m[r] * kLog2e));
+  const auto exponents = [&](int r) { return _mm256_fmadd_ps(S[r], c, _mm256_set1_ps(-m[r] * kLog2e)); };
+  __m256 Y[4];
+  for (int r = 0; r < NR; ++r) Y[r] = exponents(r);
   __m256 y_max = Y[0];
   for (int r = 1; r < NR; ++r) y_max = _mm256_max_ps(y_max, Y[r]);
   // Rarely taken once a task has seen a chunk. m = -inf (a task's first
@@ -516,7 +518,7 @@ inline void softmax_rows_vec(const __m256 (&S)[NR], float scale, float* acc, int
     _mm_store_ps(mx, _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
     for (int r = 0; r < NR; ++r) {
       move_row_max(acc + r * D, D, m[r], l[r], std::max(m[r], mx[r]));
-      Y[r] = _mm256_fmadd_ps(S[r], c, _mm256_set1_ps(-m[r] * kLog2e));
+      Y[r] = exponents(r);
     }
   }
   __m256 E[4];
